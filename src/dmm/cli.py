@@ -1,0 +1,233 @@
+"""The `dmm` command line: demo | train | evaluate | merge | inspect.
+
+Only this module prints. Bad input (a `DMMError`, or an argparse error) is one line on stderr
+and exit status 2; no output file is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dmm.errors import DMMError
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    return parse
+
+
+def _positive_float(name: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {s}")
+        return v
+    return parse
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fmnist", help="fmnist | cifar10 | cifar100 | npz")
+    p.add_argument("--data-root", default=None,
+                   help="folder (or .npz file) holding the data set; fmnist defaults to "
+                        "the Debian package's folder or $DMM_DATA_DIR")
+    p.add_argument("--n-train", type=_positive_int("--n-train"), default=None,
+                   help="use only the first N training images (quick runs)")
+    p.add_argument("--n-test", type=_positive_int("--n-test"), default=None,
+                   help="use only the first N test images")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="resnet18",
+                   help="resnet18 | resnet8 | package.module:Class (your own nn.Module)")
+    p.add_argument("--width", type=_positive_float("--width"), default=0.25,
+                   help="channel width multiplier of the ResNets (1 = 64/128/256/512)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (> 0)")
+    p.add_argument("--clients", type=int, default=10, help="number of clients K (>= 1)")
+    p.add_argument("--min-size", type=int, default=10, help="minimum samples per client")
+    p.add_argument("--regime", default="fedavg", help="fedavg | fedprox | fedbn | oneshot")
+    p.add_argument("--rounds", type=_positive_int("--rounds"), default=60)
+    p.add_argument("--local-iters", type=_positive_int("--local-iters"), default=10,
+                   help="SGD steps per client per round")
+    p.add_argument("--local-epochs", type=_positive_int("--local-epochs"), default=None,
+                   help="passes over local data per round (overrides --local-iters)")
+    p.add_argument("--participation", type=float, default=1.0,
+                   help="fraction of clients per round, in (0, 1]")
+    p.add_argument("--lr", type=_positive_float("--lr"), default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=128)
+    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal coefficient")
+    p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmm", description="Data-free merging of divergent models (DMM) and its baselines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default data (Fashion-MNIST)")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train client models federated or one-shot")
+    _add_data_args(p)
+    _add_model_args(p)
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="output folder for the checkpoints")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluating the global model")
+
+    p = sub.add_parser("evaluate", help="evaluate checkpoints on a data set's test split")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or folders of client_*")
+    _add_data_args(p)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except DMMError as e:
+        print(f"dmm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dmm: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# train / evaluate
+# ---------------------------------------------------------------------------------------------
+
+def _load_data(args):
+    from dmm.data import load_dataset
+    data = load_dataset(args.dataset, args.data_root)
+    if args.n_train or args.n_test:
+        data = data.subset(args.n_train, args.n_test)
+    return data
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmm import checkpoint
+    from dmm.data import dirichlet_partition
+    from dmm.evaluate import evaluate
+    from dmm.federated import FederatedConfig, TrainConfig, run_federated
+    from dmm.io import ensure_writable_dir, provenance, write_json
+    from dmm.models import create
+
+    if not args.alpha > 0:
+        raise DMMError(f"--alpha must be > 0, got {args.alpha}")
+    if args.clients < 1:
+        raise DMMError(f"--clients must be >= 1, got {args.clients}")
+    train_cfg = TrainConfig(
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        local_iters=None if args.local_epochs else args.local_iters,
+        local_epochs=args.local_epochs or 1,
+        prox_mu=args.mu if args.regime == "fedprox" else 0.0, bf16=not args.fp32)
+    cfg = FederatedConfig(regime=args.regime, rounds=args.rounds,
+                          participation=args.participation, seed=args.seed, train=train_cfg)
+    cfg.validate()
+    out = ensure_writable_dir(args.out)
+    data = _load_data(args)
+    arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+    if ":" not in args.arch:
+        arch_kwargs["width"] = args.width
+    create(args.arch, **arch_kwargs)  # fail fast on a bad architecture, before any training
+    part = dirichlet_partition(data.y_train.numpy(), args.clients, args.alpha, seed=args.seed,
+                               min_size=args.min_size, num_classes=data.num_classes)
+    res = run_federated(lambda: create(args.arch, **arch_kwargs), data, part, cfg)
+
+    meta = {"arch": args.arch, "arch_kwargs": arch_kwargs, "classes": data.classes,
+            "dataset": args.dataset}
+    checkpoint.save(out / "init.safetensors", res.init_state, **meta, n_samples=0)
+    for k, state in enumerate(res.client_states):
+        checkpoint.save(out / f"client_{k:03d}.safetensors", state, **meta,
+                        n_samples=res.n_samples[k], client_id=k)
+    rows = []
+    if res.global_state is not None:
+        checkpoint.save(out / "global.safetensors", res.global_state, **meta,
+                        n_samples=int(sum(res.n_samples)), regime=args.regime)
+        if not args.no_eval:
+            model = create(args.arch, **arch_kwargs)
+            model.load_state_dict(res.global_state)
+            ev = evaluate(model, data.x_test, data.y_test, data.normalize,
+                          num_classes=data.num_classes)
+            rows.append({"model": "global", "accuracy": ev.accuracy, "loss": ev.loss,
+                         "per_class": ev.per_class})
+    write_json(out / "partition.json", part.to_dict())
+    write_json(out / "train.json", {
+        "config": {**cfg.to_dict(), "dataset": args.dataset, "arch": args.arch,
+                   "arch_kwargs": arch_kwargs, "alpha": args.alpha, "clients": args.clients,
+                   "min_size": args.min_size},
+        "wall_time_s": res.wall_time, "history": res.history, "eval": rows,
+        "provenance": provenance()})
+    print(f"{args.regime}: {args.clients} clients, alpha {args.alpha}, "
+          f"{res.wall_time:.1f} s; wrote {out}")
+    for r in rows:
+        print(f"  {r['model']}: accuracy {100 * r['accuracy']:.2f}%  loss {r['loss']:.4f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dmm import checkpoint
+    from dmm.evaluate import evaluate
+    from dmm.io import write_json
+
+    ckpts = checkpoint.resolve_inputs(args.checkpoints)
+    data = _load_data(args)
+    rows = []
+    for ck in ckpts:
+        classes = ck.meta.get("arch_kwargs", {}).get("num_classes")
+        if classes is not None and classes != data.num_classes:
+            raise DMMError(f"{ck.path}: model has {classes} classes, {args.dataset} has "
+                           f"{data.num_classes}")
+        ev = evaluate(ck.build(), data.x_test, data.y_test, data.normalize,
+                      num_classes=data.num_classes)
+        rows.append({"checkpoint": str(ck.path), **ev.to_dict()})
+    width = max(len(r["checkpoint"]) for r in rows)
+    print(f"{'checkpoint':<{width}}  accuracy     loss")
+    for r in rows:
+        print(f"{r['checkpoint']:<{width}}  {100 * r['accuracy']:7.2f}%  {r['loss']:7.4f}")
+    if args.json:
+        write_json(args.json, {"dataset": args.dataset, "results": rows})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dmm.demo import run_demo
+    t0 = time.perf_counter()
+    results = run_demo(Path(args.out), seed=args.seed)
+    print(json.dumps({"results": str(Path(args.out) / "results.json"),
+                      "wall_time_s": round(time.perf_counter() - t0, 1)}))
+    return 0 if results else 1
+
+
+_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate}
+
+if __name__ == "__main__":
+    sys.exit(main())

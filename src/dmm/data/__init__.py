@@ -1,0 +1,17 @@
+"""Datasets, partitioning and batch augmentation.
+
+Every dataset is held in memory as uint8 images (N, C, H, W) plus int64 labels; normalization
+happens per batch (`ImageDataset.normalize`) so the stored arrays stay small and exact.
+"""
+
+from dmm.data.base import ImageDataset, available_datasets, load_dataset, register_dataset
+from dmm.data.partition import Partition, dirichlet_partition
+
+__all__ = [
+    "ImageDataset",
+    "Partition",
+    "available_datasets",
+    "dirichlet_partition",
+    "load_dataset",
+    "register_dataset",
+]

@@ -1,0 +1,150 @@
+"""Federated rounds (FedAvg, FedProx, FedBN) and the one-shot regime, in one process.
+
+Each round, a seeded sample of clients starts from the global model, trains `local_iters` SGD
+steps (or `local_epochs` passes) on its own partition, and the server aggregates. The DMM
+authors' harness counts local *iterations*; local epochs collapse FedAvg when clients hold one
+class (shared/DESIGN.md, measured pitfalls), so iterations are the default.
+
+One-shot: every client trains once from the same seeded initialization for the same total
+budget (rounds x local steps); a merging method combines them afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmm.data.base import ImageDataset
+from dmm.data.partition import Partition
+from dmm.errors import DMMError
+from dmm.federated import aggregate
+from dmm.federated.client import TrainConfig, train_local
+from dmm.statedict import StateDict, state_of
+
+log = logging.getLogger(__name__)
+REGIMES = ("fedavg", "fedprox", "fedbn", "oneshot")
+
+
+@dataclass
+class FederatedConfig:
+    regime: str = "fedavg"
+    rounds: int = 60
+    participation: float = 1.0     # fraction of clients sampled per round
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.regime not in REGIMES:
+            raise DMMError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if self.rounds < 1:
+            raise DMMError(f"rounds must be >= 1, got {self.rounds}")
+        if not 0 < self.participation <= 1:
+            raise DMMError(f"participation must be in (0, 1], got {self.participation}")
+        if self.regime == "fedprox" and self.train.prox_mu <= 0:
+            raise DMMError("fedprox needs a proximal coefficient mu > 0 (--mu)")
+        self.train.validate()
+
+
+@dataclass
+class FederatedResult:
+    init_state: StateDict
+    global_state: StateDict | None       # None for the one-shot regime
+    client_states: list[StateDict]       # each client's last local model
+    n_samples: list[int]
+    history: list[dict]
+    wall_time: float
+
+
+def _generator(seed: int, *parts: int) -> torch.Generator:
+    # One independent, reproducible stream per (seed, round, client).
+    state = np.random.SeedSequence([seed, *parts]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def run_federated(
+    model_fn: Callable[[], nn.Module],
+    data: ImageDataset,
+    partition: Partition,
+    cfg: FederatedConfig,
+    *,
+    progress: bool = True,
+    on_round: Callable[[int, StateDict], dict | None] | None = None,
+) -> FederatedResult:
+    """Train K clients on `partition` of `data.x_train` under `cfg.regime`.
+
+    `model_fn()` builds a fresh model; it is called after seeding, so the initialization is a
+    function of `cfg.seed`. `on_round(r, global_state)` may return metrics for the history.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = model_fn()
+    init = state_of(model)
+    k_clients = len(partition.indices)
+    n_samples = partition.sizes
+    client_x = [data.x_train[torch.as_tensor(i)] for i in partition.indices]
+    client_y = [data.y_train[torch.as_tensor(i)] for i in partition.indices]
+    history: list[dict] = []
+
+    if cfg.regime == "oneshot":
+        tc = cfg.train
+        if tc.local_iters is not None:
+            tc = TrainConfig(**{**tc.to_dict(), "local_iters": tc.local_iters * cfg.rounds})
+        else:
+            tc = TrainConfig(**{**tc.to_dict(), "local_epochs": tc.local_epochs * cfg.rounds})
+        clients = []
+        for k in tqdm(range(k_clients), desc="one-shot clients", disable=not progress):
+            model.load_state_dict(init)
+            stats = train_local(model, client_x[k], client_y[k], data.normalize, tc,
+                                generator=_generator(cfg.seed, 0, k))
+            clients.append(state_of(model))
+            history.append({"client": k, **stats})
+        return FederatedResult(init, None, clients, n_samples, history, time.perf_counter() - t0)
+
+    rng = np.random.default_rng([cfg.seed, 7])
+    global_state = init
+    clients: list[StateDict] = [state_of(init) for _ in range(k_clients)]
+    fedbn_local = aggregate.bn_owned_keys(model) if cfg.regime == "fedbn" else set()
+    m = max(1, int(round(cfg.participation * k_clients)))
+    bar = tqdm(range(cfg.rounds), desc=f"{cfg.regime} rounds", disable=not progress)
+    for r in bar:
+        chosen = sorted(rng.choice(k_clients, size=m, replace=False).tolist())
+        losses = []
+        for k in chosen:
+            start = dict(global_state)
+            if fedbn_local:  # FedBN: the client keeps its own BN layers
+                start.update({key: clients[k][key] for key in fedbn_local})
+            model.load_state_dict(start)
+            gp = ({n: p.detach().clone() for n, p in model.named_parameters()}
+                  if cfg.train.prox_mu > 0 else None)
+            stats = train_local(model, client_x[k], client_y[k], data.normalize, cfg.train,
+                                generator=_generator(cfg.seed, r + 1, k), global_params=gp)
+            clients[k] = state_of(model)
+            losses.append(stats["loss"])
+        sel = [clients[k] for k in chosen]
+        sel_n = [n_samples[k] for k in chosen]
+        if fedbn_local:
+            global_state = {**global_state, **aggregate.fedbn_shared(sel, sel_n, model)}
+        else:
+            global_state = aggregate.fedavg(sel, sel_n)
+        row = {"round": r + 1, "clients": chosen, "train_loss": float(np.mean(losses))}
+        if on_round is not None:
+            view = (aggregate.fedbn_global(clients, n_samples, model) if fedbn_local
+                    else global_state)
+            row.update(on_round(r + 1, view) or {})
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+    if fedbn_local:
+        global_state = aggregate.fedbn_global(clients, n_samples, model)
+    return FederatedResult(init, global_state, clients, n_samples, history,
+                           time.perf_counter() - t0)

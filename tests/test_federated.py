@@ -1,0 +1,82 @@
+import numpy as np
+import torch
+
+from conftest import tiny_model
+from dmm.bn import aggregate_bn_buffers, pooled_bn_statistics
+from dmm.data import dirichlet_partition
+from dmm.federated import FederatedConfig, TrainConfig, run_federated, train_local
+from dmm.federated.aggregate import fedavg, fedbn_global
+from dmm.federated.rounds import _generator
+
+FAST = dict(local_iters=2, batch_size=16, bf16=False)
+
+
+def test_fedavg_of_identical_models_is_that_model():
+    m = tiny_model()
+    m.train()
+    m(torch.randn(8, 1, 16, 16))
+    s = m.state_dict()
+    out = fedavg([s, s, s], [5, 10, 20])
+    for k in s:
+        assert out[k].dtype == s[k].dtype
+        torch.testing.assert_close(out[k], s[k], rtol=0, atol=1e-7)
+
+
+def test_one_round_with_one_client_equals_local_training(tiny_data):
+    part = dirichlet_partition(tiny_data.y_train.numpy(), 1, 0.5, seed=0)
+    cfg = FederatedConfig(regime="fedavg", rounds=1, seed=0, train=TrainConfig(**FAST))
+    res = run_federated(tiny_model, tiny_data, part, cfg, progress=False)
+
+    torch.manual_seed(0)
+    m = tiny_model(seed=0)
+    train_local(m, tiny_data.x_train, tiny_data.y_train, tiny_data.normalize, cfg.train,
+                generator=_generator(0, 1, 0))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(res.global_state[k], v, rtol=0, atol=1e-6)
+
+
+def test_federated_runs_are_deterministic_and_regimes_differ(tiny_data):
+    part = dirichlet_partition(tiny_data.y_train.numpy(), 3, 0.5, seed=0, min_size=5)
+    runs = {}
+    for regime in ("fedavg", "fedprox", "fedbn", "oneshot"):
+        cfg = FederatedConfig(regime=regime, rounds=2, seed=1,
+                              train=TrainConfig(**FAST, prox_mu=0.1 if regime == "fedprox" else 0))
+        runs[regime] = run_federated(tiny_model, tiny_data, part, cfg, progress=False)
+    again = run_federated(tiny_model, tiny_data, part,
+                          FederatedConfig(regime="fedavg", rounds=2, seed=1,
+                                          train=TrainConfig(**FAST)), progress=False)
+    for k, v in runs["fedavg"].global_state.items():
+        assert torch.equal(v, again.global_state[k])
+    assert runs["oneshot"].global_state is None and len(runs["oneshot"].client_states) == 3
+    w = "conv1.weight"
+    assert not torch.equal(runs["fedavg"].global_state[w], runs["fedprox"].global_state[w])
+    # FedBN clients keep their own BN layers: they differ between clients after training
+    fb = runs["fedbn"]
+    assert not torch.equal(fb.client_states[0]["bn1.weight"], fb.client_states[1]["bn1.weight"])
+
+
+def test_pooled_statistics_equal_union_statistics():
+    g = torch.Generator().manual_seed(0)
+    scale, shift = torch.rand(6, generator=g) * 3, torch.randn(6, generator=g)
+    data = torch.randn(1000, 6, generator=g) * scale + shift
+    cuts = [0, 37, 400, 401, 1000]
+    parts = [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    mu, var, count = pooled_bn_statistics(
+        [p.mean(0) for p in parts], [p.var(0, unbiased=False) for p in parts],
+        [len(p) for p in parts])
+    torch.testing.assert_close(mu, data.mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(var, data.var(0, unbiased=False), rtol=0, atol=1e-5)
+    assert count == 1000
+
+
+def test_fedbn_global_pools_statistics_of_identical_models_to_themselves():
+    m = tiny_model()
+    m.train()
+    m(torch.randn(8, 1, 16, 16))
+    s = m.state_dict()
+    out = fedbn_global([s, s], [3, 7], m)
+    torch.testing.assert_close(out["bn1.running_var"], s["bn1.running_var"])
+    assert int(out["bn1.num_batches_tracked"]) == 2 * int(s["bn1.num_batches_tracked"])
+    agg = aggregate_bn_buffers([s, s], m)
+    torch.testing.assert_close(agg["bn1.running_mean"], s["bn1.running_mean"])
+    assert np.isclose(float(agg["bn1.running_var"].sum()), float(s["bn1.running_var"].sum()))

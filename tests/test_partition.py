@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from dmm.data import dirichlet_partition
+from dmm.errors import DMMError
+
+LABELS = np.repeat(np.arange(10), 500)
+
+
+def test_partition_covers_every_index_once_and_honours_minimum():
+    p = dirichlet_partition(LABELS, 10, 0.1, seed=3, min_size=20)
+    allidx = np.concatenate(p.indices)
+    assert len(allidx) == len(LABELS)
+    assert np.array_equal(np.sort(allidx), np.arange(len(LABELS)))
+    assert min(p.sizes) >= 20
+    assert p.counts.sum() == len(LABELS)
+    for k, idx in enumerate(p.indices):
+        assert np.array_equal(np.bincount(LABELS[idx], minlength=10), p.counts[k])
+
+
+def test_partition_is_seeded():
+    a = dirichlet_partition(LABELS, 8, 0.5, seed=1)
+    b = dirichlet_partition(LABELS, 8, 0.5, seed=1)
+    c = dirichlet_partition(LABELS, 8, 0.5, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a.indices, b.indices, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.indices, c.indices, strict=True))
+
+
+def test_large_alpha_is_near_uniform_and_tiny_alpha_near_single_class():
+    iid = dirichlet_partition(LABELS, 5, 1000.0, seed=0)
+    share = iid.counts / iid.counts.sum(1, keepdims=True)
+    assert np.abs(share - 0.1).max() < 0.03
+    skew = dirichlet_partition(LABELS, 10, 0.01, seed=0)
+    top_share = skew.counts.max(1) / skew.counts.sum(1)
+    assert np.median(top_share) > 0.9
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"num_clients": 10, "alpha": 0.0}, "alpha"),
+    ({"num_clients": 10, "alpha": -1.0}, "alpha"),
+    ({"num_clients": 0, "alpha": 0.5}, "clients"),
+    ({"num_clients": 1000, "alpha": 0.5}, "samples"),
+])
+def test_partition_rejects_bad_arguments(kwargs, msg):
+    with pytest.raises(DMMError, match=msg):
+        dirichlet_partition(LABELS, seed=0, **kwargs)
