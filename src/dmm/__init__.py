@@ -1,4 +1,15 @@
 """dmm: data-free merging of divergent models (Liu et al., "Domain-Adaptive Model Merging across
-Disconnected Modes", ICASSP 2026)."""
+Disconnected Modes", ICASSP 2026).
+
+    import dmm
+    merged, report = dmm.merge(models, method="average", config=dmm.DMMConfig())
+    refined, report = dmm.refine(student, teachers, dmm.DMMConfig(), n_samples=sizes)
+"""
 
 __version__ = "0.1.0"
+
+from dmm.pipeline import DMMConfig, merge_and_refine, preset, refine  # noqa: E402
+
+merge = merge_and_refine
+
+__all__ = ["DMMConfig", "__version__", "merge", "preset", "refine"]

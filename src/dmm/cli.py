@@ -101,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
+    p = sub.add_parser("merge", help="merge client checkpoints, optionally refine with DMM")
+    p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
+    p.add_argument("--method", default="average", help="merging method (see --list-methods)")
+    p.add_argument("--student", default=None,
+                   help="use this checkpoint as the merged model instead of merging "
+                        "(e.g. the FedAvg global model); the inputs are the teachers")
+    p.add_argument("--refine", default="dmm", choices=["dmm", "none"])
+    p.add_argument("--preset", default="default", help="DMM preset: default | paper")
+    p.add_argument("--config", default=None, help="JSON file of DMMConfig overrides")
+    p.add_argument("--weights", default="samples", choices=["samples", "uniform"],
+                   help="merge weights: by each model's n_samples, or uniform")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="merged checkpoint (.safetensors)")
+    p.add_argument("--report", default=None, help="JSON report (default: beside --out)")
+    p.add_argument("--grid", default=None, help="PNG grid of the pseudo-data (default: beside)")
+
+    p = sub.add_parser("inspect", help="divergence table of client models against a merge")
+    p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
+    p.add_argument("--student", default=None, help="merged model to compare against "
+                   "(default: the sample-weighted average of the inputs)")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=0.0)
+    p.add_argument("--chart", default=None, help="bar chart PNG (default: divergence.png "
+                   "in the first input's folder)")
     return parser
 
 
@@ -163,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = run_federated(lambda: create(args.arch, **arch_kwargs), data, part, cfg)
 
     meta = {"arch": args.arch, "arch_kwargs": arch_kwargs, "classes": data.classes,
-            "dataset": args.dataset}
+            "dataset": args.dataset, "input_mean": list(data.mean), "input_std": list(data.std),
+            "input_size": list(data.x_train.shape[1:])}
     checkpoint.save(out / "init.safetensors", res.init_state, **meta, n_samples=0)
     for k, state in enumerate(res.client_states):
         checkpoint.save(out / f"client_{k:03d}.safetensors", state, **meta,
@@ -227,7 +252,139 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
-_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate}
+# ---------------------------------------------------------------------------------------------
+# merge / inspect
+# ---------------------------------------------------------------------------------------------
+
+def _load_group(inputs: list[str]):
+    """Checkpoints of one architecture, validated against each other."""
+    from dmm import checkpoint
+
+    ckpts = checkpoint.resolve_inputs(inputs)
+    first = ckpts[0]
+    for ck in ckpts[1:]:
+        if ck.meta.get("arch") != first.meta.get("arch") or \
+                ck.meta.get("arch_kwargs") != first.meta.get("arch_kwargs"):
+            raise DMMError(f"{ck.path}: architecture {ck.meta.get('arch')} "
+                           f"{ck.meta.get('arch_kwargs')} differs from {first.path}: "
+                           f"{first.meta.get('arch')} {first.meta.get('arch_kwargs')}")
+    modules = [ck.build() for ck in ckpts]
+    for ck, m in zip(ckpts, modules, strict=True):
+        for k, v in m.state_dict().items():
+            if v.dtype.is_floating_point and not v.isfinite().all():
+                raise DMMError(f"{ck.path}: key {k} has NaN or Inf values")
+    return ckpts, modules
+
+
+def _pixel_range(meta: dict) -> tuple[float, float] | None:
+    if "input_mean" not in meta:
+        return None
+    lo = min((0 - m) / s for m, s in zip(meta["input_mean"], meta["input_std"], strict=True))
+    hi = max((1 - m) / s for m, s in zip(meta["input_mean"], meta["input_std"], strict=True))
+    return lo, hi
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dmm import checkpoint
+    from dmm.io import provenance, write_json
+    from dmm.pipeline import DMMConfig, merge_and_refine, preset, refine
+    from dmm.synth import save_grid
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise DMMError(f"--out must end in .safetensors, got {out}")
+    ckpts, modules = _load_group(args.inputs)
+    if args.refine == "dmm" and len(modules) < 2 and args.student is None:
+        raise DMMError("DMM needs at least two models to merge (or --student and a teacher)")
+    cfg = preset(args.preset)
+    if args.config:
+        try:
+            overrides = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DMMError(f"{args.config}: cannot read JSON config ({e})") from e
+        cfg = DMMConfig.from_dict({**cfg.to_dict(), **overrides})
+    cfg.seed = args.seed
+    n_samples = [ck.meta.get("n_samples") for ck in ckpts]
+    if args.weights == "samples" and any(not isinstance(n, int) or n <= 0 for n in n_samples):
+        bad = next(ck.path for ck, n in zip(ckpts, n_samples, strict=True)
+                   if not isinstance(n, int) or n <= 0)
+        raise DMMError(f"{bad}: no positive n_samples in its metadata; use --weights uniform")
+    weights = n_samples if args.weights == "samples" else [1] * len(ckpts)
+    meta = ckpts[0].meta
+    kwargs = dict(n_samples=weights, input_shape=tuple(meta["input_size"])
+                  if "input_size" in meta else None, pixel_range=_pixel_range(meta),
+                  progress=True)
+    t0 = time.perf_counter()
+    if args.student:
+        student_ck, student = _load_group([args.student])
+        if args.refine == "dmm":
+            model, report = refine(student[0], modules, cfg, **kwargs)
+        else:
+            model, report = student[0], None
+    else:
+        model, report = merge_and_refine(modules, cfg, method=args.method, weights=weights,
+                                         refine_model=args.refine == "dmm", **kwargs)
+    seconds = time.perf_counter() - t0
+    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+    pseudo = getattr(report, "pseudo", None)
+    checkpoint.save(out, model, **{**meta, "client_id": None,
+                                   "n_samples": int(sum(weights)),
+                                   "merge": {"method": args.method, "refine": args.refine,
+                                             "inputs": [str(c.path) for c in ckpts]}})
+    if pseudo is not None:
+        grid = Path(args.grid) if args.grid else out.with_name(out.stem + "_pseudo.png")
+        save_grid(pseudo.images, pseudo.labels, grid, mean=tuple(meta.get("input_mean", [0.0])),
+                  std=tuple(meta.get("input_std", [1.0])), class_names=meta.get("classes"))
+    write_json(report_path, {
+        "method": args.method, "refine": args.refine, "preset": args.preset,
+        "inputs": [str(c.path) for c in ckpts], "student": args.student,
+        "weights": weights, "wall_time_s": seconds,
+        "report": report.to_dict() if report else None, "provenance": provenance()})
+    print(f"merged {len(ckpts)} models with {args.method}"
+          f"{' + DMM' if args.refine == 'dmm' else ''} in {seconds:.1f} s -> {out}")
+    if report is not None:
+        print(f"  teachers: {report.teachers}; report: {report_path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dmm.divergence import divergence_scores
+    from dmm.io import save_with
+    from dmm.merging import merge_states
+    from dmm.statedict import state_of
+
+    ckpts, modules = _load_group(args.inputs)
+    states = [state_of(m) for m in modules]
+    if args.student:
+        merged = state_of(_load_group([args.student])[1][0])
+    else:
+        w = [ck.meta.get("n_samples") or 1 for ck in ckpts]
+        merged = merge_states(states, "average", model=modules[0], weights=w)
+    rep = divergence_scores(states, merged, modules[0], beta=args.beta, tau=args.tau)
+    names = [Path(c.path).stem for c in ckpts]
+    print(rep.table(names))
+    chart = Path(args.chart) if args.chart else Path(ckpts[0].path).parent / "divergence.png"
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(names) + 2), 3))
+    colors = ["tab:red" if i in rep.selected else "tab:gray" for i in range(len(names))]
+    ax.bar(range(len(names)), rep.score, color=colors)
+    ax.axhline(args.tau, color="k", lw=0.8, ls="--", label=f"tau = {args.tau}")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("divergence score d_k")
+    ax.set_title("divergent teachers in red")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_with(chart, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    print(f"chart: {chart}")
+    return 0
+
+
+_COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate,
+             "merge": cmd_merge, "inspect": cmd_inspect}
 
 if __name__ == "__main__":
     sys.exit(main())

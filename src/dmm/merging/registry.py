@@ -1,0 +1,71 @@
+"""The merging registry (after MergeKit's: one entry per method, with pretty name and paper)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from dmm.errors import DMMError
+from dmm.statedict import StateDict
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    pretty_name: str
+    paper: str
+    bn_handling: str                 # how BN running statistics are produced
+    fn: Callable[..., StateDict]     # fn(states, *, weights, model, base, **params) -> state
+    needs_base: bool = False
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in _REGISTRY:
+        raise DMMError(f"unknown merging method {name!r}; choose one of "
+                       f"{', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def merge_states(
+    states: Sequence[StateDict],
+    method: str = "average",
+    *,
+    model: nn.Module,
+    weights: Sequence[float] | None = None,
+    base: StateDict | None = None,
+    **params,
+) -> StateDict:
+    """Merge `states` (same architecture as `model`) with a registered method."""
+    m = get_method(method)
+    if not states:
+        raise DMMError("nothing to merge: no models given")
+    keys = set(states[0])
+    for i, s in enumerate(states[1:], 1):
+        if set(s) != keys:
+            diff = sorted(keys ^ set(s))[:3]
+            raise DMMError(f"model {i} has different keys than model 0 (e.g. {diff})")
+        for k in keys:
+            if s[k].shape != states[0][k].shape:
+                raise DMMError(f"model {i}: key {k} has shape {tuple(s[k].shape)}, "
+                               f"model 0 has {tuple(states[0][k].shape)}")
+    if m.needs_base and base is None:
+        raise DMMError(f"{m.pretty_name} needs a base model (the common initialization)")
+    w = list(weights) if weights is not None else [1.0] * len(states)
+    if len(w) != len(states) or any(x < 0 for x in w) or sum(w) <= 0:
+        raise DMMError(f"merge weights must be {len(states)} non-negative numbers with a "
+                       f"positive sum, got {w}")
+    return m.fn(states, weights=w, model=model, base=base, **params)

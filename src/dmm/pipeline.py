@@ -1,0 +1,254 @@
+"""DMM as one pipeline: buffers -> divergence -> synthesize -> distill (shared/DESIGN.md §1).
+
+`refine(student, teachers, config)` takes a merged model (the student) and the domain models
+(the teachers) and returns the refined student with a report. It does not know how the student
+was merged or how the models were trained. `merge_and_refine` adds the merge step (any
+registered merging method) and the paper's "merge the similar ones first" option
+(`exclude_divergent`).
+
+The ablation rows of the paper (Section 4.3) are switches of one `DMMConfig`:
+baseline (all off) | + buffer_aggregation | + inversion_augmentation (CE on pseudo-data) |
++ distill (full DMM).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from dmm.bn import aggregate_bn_buffers
+from dmm.distill import DistillConfig, distill
+from dmm.divergence import divergence_scores
+from dmm.errors import DMMError
+from dmm.merging import merge_states
+from dmm.statedict import StateDict, bn_layers, state_of
+from dmm.synth import InversionConfig, PseudoData, synthesize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DMMConfig:
+    buffer_aggregation: bool = True     # pool the teachers' BN statistics into the student
+    buffer_weights: str = "samples"     # samples (n_k) | counts (num_batches_tracked, the paper)
+    inversion_augmentation: bool = True  # CE on the pseudo-samples' target labels
+    distill: bool = True                # selective KD from the divergent teachers (Eq. 6)
+    exclude_divergent: bool = False     # merge_and_refine: merge only the non-divergent
+    selection: str = "threshold"        # threshold | top_k | all
+    tau: float = 0.0                    # threshold on the combined z-score
+    top_k: int = 3
+    beta: float = 0.5                   # weight of parameter vs statistics divergence
+    ce_weight: float = 1.0              # weight of the inversion-augmentation CE term
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    distillation: DistillConfig = field(default_factory=DistillConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DMMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DMMError(f"unknown DMM config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        inv = InversionConfig(**d.pop("inversion", {}))
+        dis = DistillConfig(**d.pop("distillation", {}))
+        return cls(**d, inversion=inv, distillation=dis)
+
+    def validate(self) -> None:
+        if self.buffer_weights not in ("samples", "counts"):
+            raise DMMError(f"buffer_weights must be samples or counts, got {self.buffer_weights}")
+        self.inversion.validate()
+        self.distillation.validate()
+
+
+PRESETS = ("paper", "default")
+
+
+def preset(name: str, **overrides) -> DMMConfig:
+    """Named configurations. `paper`: the paper read literally (inversion against the merged
+    model only, softmax teachers, counts as buffer weights). `default`: the configuration that
+    measured best on our protocol (see docs/dmm-core.md and benchmarks/bench_core.py)."""
+    if name == "paper":
+        cfg = DMMConfig(buffer_weights="counts",
+                        inversion=InversionConfig(mode="merged"),
+                        distillation=DistillConfig(teacher_signal="softmax"))
+    elif name == "default":
+        cfg = DMMConfig()
+    else:
+        raise DMMError(f"unknown DMM preset {name!r}; choose one of {', '.join(PRESETS)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@dataclass
+class DMMReport:
+    divergence: dict
+    teachers: list[int]
+    inversion: dict = field(default_factory=dict)
+    distillation: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_module(template: nn.Module, m: nn.Module | StateDict) -> nn.Module:
+    if isinstance(m, nn.Module):
+        return m
+    out = copy.deepcopy(template)
+    out.load_state_dict(m)
+    return out
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, int, int] | None) -> tuple[tuple, int]:
+    """Input shape (C, H, W) and number of classes of an image classifier."""
+    if input_shape is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise DMMError("cannot infer the input shape: give input_shape=(C, H, W)")
+        input_shape = (conv.in_channels, 32, 32)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, *input_shape))
+    model.train(was)
+    return tuple(input_shape), int(out.shape[1])
+
+
+def _check_finite(states: Sequence[StateDict], names: Sequence[str]) -> None:
+    for s, name in zip(states, names, strict=True):
+        for k, v in s.items():
+            if v.dtype.is_floating_point and not torch.isfinite(v).all():
+                raise DMMError(f"{name}: key {k} has NaN or Inf values")
+
+
+def refine(
+    student: nn.Module | StateDict,
+    teachers: Sequence[nn.Module | StateDict],
+    config: DMMConfig | None = None,
+    *,
+    template: nn.Module | None = None,
+    n_samples: Sequence[int] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    pixel_range: tuple[float, float] | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, DMMReport]:
+    """DMM refinement of a merged `student` with domain models `teachers`.
+
+    Modules or state dicts are accepted (state dicts need `template`, a module of the shared
+    architecture, unless the student is a module). The student is copied, never changed in
+    place. `n_samples` are the teachers' sample counts (for `buffer_weights="samples"`).
+    """
+    cfg = config or DMMConfig()
+    cfg.validate()
+    if not teachers:
+        raise DMMError("DMM needs at least one domain model (teacher)")
+    template = template or (student if isinstance(student, nn.Module) else
+                            next((t for t in teachers if isinstance(t, nn.Module)), None))
+    if template is None:
+        raise DMMError("state dicts only: pass template=<a module of the architecture>")
+    if not bn_layers(template):
+        raise DMMError("DMM needs BatchNorm statistics (normalization inversion and buffer "
+                       "aggregation read them); the model has no BatchNorm layer")
+    model = copy.deepcopy(_as_module(template, student))
+    teacher_mods = [_as_module(template, t) for t in teachers]
+    t_states = [state_of(t) for t in teacher_mods]
+    _check_finite([state_of(model), *t_states], ["student", *[f"teacher {i}" for i in
+                                                              range(len(t_states))]])
+    shape, num_classes = _probe(model, input_shape)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    if cfg.buffer_aggregation:
+        if cfg.buffer_weights == "samples" and n_samples is None:
+            raise DMMError("buffer_weights='samples' needs the teachers' sample counts")
+        w = list(n_samples) if cfg.buffer_weights == "samples" else None
+        model.load_state_dict(aggregate_bn_buffers(t_states, model, weights=w,
+                                                   into=state_of(model)))
+    timings["buffers_s"] = time.perf_counter() - t0
+
+    div = divergence_scores(t_states, state_of(model), model, beta=cfg.beta,
+                            mode=cfg.selection, tau=cfg.tau, top_k=cfg.top_k)
+    selected = div.selected if cfg.distill else []
+    report = DMMReport(div.to_dict(), selected, config=cfg.to_dict())
+    log.info("divergent teachers: %s", selected)
+
+    if cfg.inversion_augmentation or (cfg.distill and selected):
+        t1 = time.perf_counter()
+        pseudo = synthesize(model, teacher_mods, cfg.inversion, num_classes=num_classes,
+                            input_shape=shape, seed=cfg.seed, pixel_range=pixel_range,
+                            progress=progress)
+        timings["inversion_s"] = time.perf_counter() - t1
+        report.inversion = {k: v for k, v in pseudo.info.items() if k != "batches"}
+        report.inversion["bn_loss"] = _bn_summary(pseudo)
+        t2 = time.perf_counter()
+        dcfg = copy.deepcopy(cfg.distillation)
+        dcfg.kd_weight = dcfg.kd_weight if (cfg.distill and selected) else 0.0
+        dcfg.ce_weight = cfg.ce_weight if cfg.inversion_augmentation else 0.0
+        model, drep = distill(model, [teacher_mods[i] for i in selected], pseudo.images,
+                              pseudo.labels, dcfg, seed=cfg.seed, progress=progress)
+        timings["distill_s"] = time.perf_counter() - t2
+        report.distillation = drep.to_dict()
+        report.pseudo = pseudo  # type: ignore[attr-defined]  # kept for grids, not serialized
+    timings["total_s"] = time.perf_counter() - t0
+    report.timings = timings
+    model.eval()
+    return model, report
+
+
+def _bn_summary(pseudo: PseudoData) -> dict:
+    b = pseudo.info.get("batches", [])
+    if not b:
+        return {}
+    return {"initial_mean": sum(x["bn_initial"] for x in b) / len(b),
+            "final_mean": sum(x["bn_final"] for x in b) / len(b)}
+
+
+def merge_and_refine(
+    models: Sequence[nn.Module | StateDict],
+    config: DMMConfig | None = None,
+    *,
+    method: str = "average",
+    template: nn.Module | None = None,
+    weights: Sequence[float] | None = None,
+    n_samples: Sequence[int] | None = None,
+    base: StateDict | None = None,
+    method_params: dict | None = None,
+    refine_model: bool = True,
+    **refine_kwargs,
+) -> tuple[nn.Module, DMMReport | None]:
+    """Merge `models` with a registered method, then (optionally) refine with DMM.
+
+    With `exclude_divergent`, the merge is redone over the non-divergent models only (the
+    paper's "merge the similar models first"); all models still serve as teachers.
+    """
+    cfg = config or DMMConfig()
+    template = template or next((m for m in models if isinstance(m, nn.Module)), None)
+    if template is None:
+        raise DMMError("state dicts only: pass template=<a module of the architecture>")
+    states = [state_of(m) for m in models]
+    params = method_params or {}
+    merged = merge_states(states, method, model=template, weights=weights, base=base, **params)
+    if refine_model and cfg.exclude_divergent and len(states) > 2:
+        div = divergence_scores(states, merged, template, beta=cfg.beta, mode=cfg.selection,
+                                tau=cfg.tau, top_k=cfg.top_k)
+        keep = [i for i in range(len(states)) if i not in div.selected]
+        if keep:
+            merged = merge_states([states[i] for i in keep], method, model=template,
+                                  weights=None if weights is None else [weights[i] for i in keep],
+                                  base=base, **params)
+    student = _as_module(template, merged)
+    if not refine_model:
+        return student, None
+    return refine(student, states, cfg, template=template, n_samples=n_samples, **refine_kwargs)

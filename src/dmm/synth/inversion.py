@@ -1,0 +1,228 @@
+"""Pseudo-data by normalization inversion (paper Eq. 5; DeepInversion, Yin et al., CVPR 2020).
+
+A batch of inputs x, initialized N(0, 1), is optimized with Adam so that at every BatchNorm
+layer of the inverted network the batch statistics of the layer's input match stored statistics:
+
+    L = w_bn * sum_l m_l (||mean_l(x) - mu_l||_2 + ||var_l(x) - s2_l||_2)
+        + w_ce * CE(f(x), y) + w_tv * TV(x) + w_l2 * ||x||^2,
+
+with m_1 = `first_bn_multiplier` and m_l = 1 after; random jitter (roll) and horizontal flips each
+step; inputs clamped to the normalized pixel range. Targets y are class-balanced.
+
+Two modes (`InversionConfig.mode`):
+- `merged` (the paper): invert the merged model against its (aggregated) statistics.
+- `ensemble`: additionally invert every teacher against its own statistics; each teacher's share
+  is labelled by the teacher (`teacher_labels="prediction"`: no CE term, label = the teacher's
+  argmax afterwards) or steered to class-balanced targets through the teacher (`"balanced"`).
+
+Deviations from DeepInversion's CIFAR script: a few hundred steps with a cosine step size
+instead of 2000 (a CPU budget), TV as the mean squared neighbour difference, optional bf16
+autocast and torch.compile for speed (measured in benchmarks/bench_core.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmm.errors import DMMError
+from dmm.evaluate import autocast
+from dmm.synth.hooks import BNStatLoss, Stats, running_stats
+
+log = logging.getLogger(__name__)
+MODES = ("merged", "ensemble")
+
+
+@dataclass
+class InversionConfig:
+    n_images: int = 512            # pseudo-images in total
+    batch_size: int = 128          # images optimized together (BN statistics are per batch)
+    iterations: int = 150          # Adam steps per batch
+    lr: float = 0.1                # Adam step size on the pixels (cosine-decayed)
+    bn_weight: float = 1.0         # w_bn
+    first_bn_multiplier: float = 10.0
+    ce_weight: float = 0.5         # w_ce (0: statistics only)
+    tv_weight: float = 1e-3        # w_tv on mean squared neighbour differences
+    l2_weight: float = 0.0         # w_l2 on mean squared pixel
+    jitter: int = 2                # max roll in pixels
+    flip: bool = True
+    bf16: bool = True              # bf16 autocast for the network passes
+    mode: str = "merged"           # merged | ensemble
+    teacher_labels: str = "prediction"  # ensemble: prediction | balanced
+    merged_share: float = 0.5      # ensemble: fraction of images inverted on the merged model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise DMMError(f"unknown inversion mode {self.mode!r}; choose {' or '.join(MODES)}")
+        if self.teacher_labels not in ("prediction", "balanced"):
+            raise DMMError("teacher_labels must be 'prediction' or 'balanced'")
+        for name in ("n_images", "batch_size", "iterations"):
+            if getattr(self, name) < 1:
+                raise DMMError(f"inversion {name} must be >= 1")
+        if not 0 <= self.merged_share <= 1:
+            raise DMMError("merged_share must be in [0, 1]")
+
+
+@dataclass
+class PseudoData:
+    images: torch.Tensor           # (N, C, H, W) float, in the models' normalized input space
+    labels: torch.Tensor           # (N,) target class of each image
+    source: torch.Tensor           # (N,) -1 = merged model, k = teacher k
+    info: dict = field(default_factory=dict)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between horizontally and vertically neighbouring pixels."""
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + \
+        (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+
+
+def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """n labels with every class as equally often as possible, shuffled."""
+    reps = math.ceil(n / num_classes)
+    y = torch.arange(num_classes).repeat(reps)[:n]
+    return y[torch.randperm(n, generator=generator)]
+
+
+def invert_batch(
+    model: nn.Module,
+    labels: torch.Tensor | None,
+    shape: tuple[int, ...],
+    cfg: InversionConfig,
+    *,
+    generator: torch.Generator,
+    targets: Stats | None = None,
+    pixel_range: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Optimize one batch of inputs of `shape` against `model`'s BN statistics (or `targets`).
+
+    `labels=None` drops the CE term. Returns the images and {bn_initial, bn_final, ce_final}.
+    The model's parameters are not changed and get no gradients.
+    """
+    was_training = model.training
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(shape, generator=generator).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.lr * 0.05)
+    info: dict = {}
+    try:
+        with BNStatLoss(model, targets if targets is not None else running_stats(model)) as bn:
+            for it in range(cfg.iterations):
+                xj = x
+                if cfg.jitter > 0:
+                    dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,),
+                                                            generator=generator))
+                    xj = torch.roll(xj, shifts=(dy, dx), dims=(2, 3))
+                if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
+                    xj = xj.flip(3)
+                with autocast(cfg.bf16):
+                    logits = model(xj.contiguous(memory_format=torch.channels_last))
+                bn_loss = bn.total(cfg.first_bn_multiplier)
+                loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
+                ce = torch.zeros(())
+                if labels is not None and cfg.ce_weight > 0:
+                    ce = F.cross_entropy(logits.float(), labels)
+                    loss = loss + cfg.ce_weight * ce
+                if cfg.l2_weight > 0:
+                    loss = loss + cfg.l2_weight * x.pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if pixel_range is not None:
+                    with torch.no_grad():
+                        x.clamp_(*pixel_range)
+                if it == 0:
+                    info["bn_initial"] = float(bn_loss.detach())
+            info["bn_final"] = float(bn_loss.detach())
+            info["ce_final"] = float(ce.detach())
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return x.detach(), info
+
+
+@torch.no_grad()
+def bn_matching_loss(model: nn.Module, x: torch.Tensor, targets: Stats | None = None,
+                     first_multiplier: float = 1.0) -> float:
+    """The statistic-matching term of Eq. 5 for inputs `x` (no jitter), for reporting."""
+    was = model.training
+    model.eval()
+    try:
+        with BNStatLoss(model, targets) as bn:
+            model(x)
+            return float(bn.total(first_multiplier))
+    finally:
+        model.train(was)
+
+
+def synthesize(
+    merged: nn.Module,
+    teachers: list[nn.Module] | None,
+    cfg: InversionConfig,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    seed: int = 0,
+    pixel_range: tuple[float, float] | None = None,
+    progress: bool = False,
+) -> PseudoData:
+    """Pseudo-data for DMM: `cfg.n_images` images with labels and their source model."""
+    cfg.validate()
+    g = torch.Generator().manual_seed(seed)
+    jobs: list[tuple[int, nn.Module, int]] = []  # (source, model, n)
+    if cfg.mode == "merged" or not teachers:
+        jobs.append((-1, merged, cfg.n_images))
+    else:
+        n_merged = int(round(cfg.merged_share * cfg.n_images))
+        if n_merged:
+            jobs.append((-1, merged, n_merged))
+        rest = cfg.n_images - n_merged
+        per = [rest // len(teachers) + (1 if k < rest % len(teachers) else 0)
+               for k in range(len(teachers))]
+        jobs.extend((k, t, n) for k, (t, n) in enumerate(zip(teachers, per, strict=True)) if n)
+    images, labels, sources, infos = [], [], [], []
+    t0 = time.perf_counter()
+    total_batches = sum(math.ceil(n / cfg.batch_size) for _, _, n in jobs)
+    bar = tqdm(total=total_batches, desc="inversion", disable=not progress)
+    for source, model, n in jobs:
+        for start in range(0, n, cfg.batch_size):
+            b = min(cfg.batch_size, n - start)
+            use_ce = source == -1 or cfg.teacher_labels == "balanced"
+            y = balanced_labels(b, num_classes, g)
+            x, info = invert_batch(model, y if use_ce else None, (b, *input_shape), cfg,
+                                   generator=g, pixel_range=pixel_range)
+            if not use_ce:
+                with torch.no_grad(), autocast(cfg.bf16):
+                    y = model.eval()(x).float().argmax(1)
+            images.append(x)
+            labels.append(y)
+            sources.append(torch.full((b,), source, dtype=torch.long))
+            infos.append({"source": source, **info})
+            bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    out = PseudoData(torch.cat(images), torch.cat(labels), torch.cat(sources))
+    out.info = {
+        "seconds": seconds,
+        "images_per_second": len(out.images) / seconds,
+        "image_iterations_per_second": len(out.images) * cfg.iterations / seconds,
+        "batches": infos,
+        "config": cfg.to_dict(),
+    }
+    log.info("synthesized %d images in %.1f s", len(out.images), seconds)
+    return out
