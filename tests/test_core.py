@@ -195,6 +195,7 @@ def test_distillation_moves_student_toward_teacher(data, experts):
 # ---- pipeline --------------------------------------------------------------------------------
 
 def _fast_config(**kw):
+    kw.setdefault("distill", True)
     return DMMConfig(
         selection="all", buffer_weights="samples",
         inversion=InversionConfig(n_images=32, batch_size=16, iterations=5, bf16=False),

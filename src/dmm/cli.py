@@ -302,7 +302,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
             overrides = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DMMError(f"{args.config}: cannot read JSON config ({e})") from e
-        cfg = DMMConfig.from_dict({**cfg.to_dict(), **overrides})
+        if not isinstance(overrides, dict):
+            raise DMMError(f"{args.config}: expected a JSON object of DMMConfig fields")
+        merged_cfg = cfg.to_dict()
+        for k, v in overrides.items():
+            if isinstance(v, dict) and isinstance(merged_cfg.get(k), dict):
+                merged_cfg[k] = {**merged_cfg[k], **v}
+            else:
+                merged_cfg[k] = v
+        try:
+            cfg = DMMConfig.from_dict(merged_cfg)
+        except TypeError as e:
+            raise DMMError(f"{args.config}: {e}") from e
     cfg.seed = args.seed
     n_samples = [ck.meta.get("n_samples") for ck in ckpts]
     if args.weights == "samples" and any(not isinstance(n, int) or n <= 0 for n in n_samples):

@@ -95,8 +95,8 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int = ROUNDS, n_train: int | N
     report("")
     report(f"{'method':<30} {'accuracy':>9} {'rare-class':>11} {'wall time':>10}")
     for r in rows:
-        report(f"{r['method']:<30} {100 * r['accuracy']:8.2f}% {100 * r['rare_class_accuracy']:10.2f}%"
-               f" {r['wall_time_s']:9.1f}s")
+        report(f"{r['method']:<30} {100 * r['accuracy']:8.2f}% "
+               f"{100 * r['rare_class_accuracy']:10.2f}% {r['wall_time_s']:9.1f}s")
     report(f"\nwrote {out / 'results.json'}" + (f" and {out / 'pseudo_data.png'}" if pseudo
                                                is not None else ""))
     return rows

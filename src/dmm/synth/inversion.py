@@ -42,10 +42,10 @@ MODES = ("merged", "ensemble")
 
 @dataclass
 class InversionConfig:
-    n_images: int = 512            # pseudo-images in total
+    n_images: int = 384            # pseudo-images in total
     batch_size: int = 128          # images optimized together (BN statistics are per batch)
     iterations: int = 150          # Adam steps per batch
-    lr: float = 0.1                # Adam step size on the pixels (cosine-decayed)
+    lr: float = 0.25               # Adam step size on the pixels (cosine-decayed)
     bn_weight: float = 1.0         # w_bn
     first_bn_multiplier: float = 10.0
     ce_weight: float = 0.5         # w_ce (0: statistics only)

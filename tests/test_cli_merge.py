@@ -1,0 +1,112 @@
+"""`dmm merge` and `dmm inspect` end to end on tiny checkpoints, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dmm import checkpoint
+
+META = {"arch": "resnet8", "arch_kwargs": {"width": 0.25, "num_classes": 4, "in_channels": 1},
+        "input_mean": [0.3], "input_std": [0.3], "input_size": [1, 16, 16],
+        "classes": ["a", "b", "c", "d"]}
+FAST = {"inversion": {"n_images": 16, "batch_size": 8, "iterations": 3, "bf16": False},
+        "distillation": {"steps": 2, "batch_size": 8, "bf16": False}, "distill": True,
+        "selection": "all"}
+
+
+def _client(seed):
+    m = tiny_model(seed)
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(16, 1, 16, 16) + seed)
+    return m
+
+
+@pytest.fixture
+def clients(tmp_path):
+    d = tmp_path / "clients"
+    for k in range(3):
+        checkpoint.save(d / f"client_{k:03d}.safetensors", _client(k), **META, n_samples=10 + k,
+                        client_id=k)
+    (tmp_path / "fast.json").write_text(json.dumps(FAST))
+    return d
+
+
+def run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run([sys.executable, "-m", "dmm.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_merge_refine_and_inspect(tmp_path, clients):
+    out = tmp_path / "m" / "merged.safetensors"
+    r = run("merge", clients, "--out", out, "--config", tmp_path / "fast.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ck = checkpoint.load(out)
+    assert ck.meta["merge"]["method"] == "average" and ck.meta["n_samples"] == 33
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["report"]["teachers"] == [0, 1, 2]
+    assert "commit" in rep["provenance"]
+    assert (tmp_path / "m" / "merged_pseudo.png").stat().st_size > 0
+    # --student: refine a given model with the inputs as teachers
+    out2 = tmp_path / "s.safetensors"
+    r = run("merge", clients, "--student", clients / "client_000.safetensors", "--out", out2,
+            "--config", tmp_path / "fast.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run("inspect", clients, "--chart", tmp_path / "div.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "param-dissim" in r.stdout and (tmp_path / "div.png").stat().st_size > 0
+
+
+def test_merge_without_refine_equals_weighted_average(tmp_path, clients):
+    out = tmp_path / "avg.safetensors"
+    assert run("merge", clients, "--refine", "none", "--out", out, cwd=tmp_path).returncode == 0
+    st = checkpoint.load(out).state
+    ws = [checkpoint.load(clients / f"client_{k:03d}.safetensors").state for k in range(3)]
+    expect = sum((10 + k) * ws[k]["conv1.weight"].double() for k in range(3)) / 33
+    torch.testing.assert_close(st["conv1.weight"].double(), expect, atol=1e-6, rtol=0)
+
+
+def _expect_error(r, needle, out):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not Path(out).exists()
+
+
+def test_merge_bad_inputs(tmp_path, clients):
+    out = tmp_path / "bad.safetensors"
+    other = tmp_path / "other.safetensors"
+    checkpoint.save(other, tiny_model(0, classes=5), **{**META, "arch_kwargs": {
+        "width": 0.25, "num_classes": 5, "in_channels": 1}}, n_samples=5)
+    _expect_error(run("merge", clients, other, "--out", out, cwd=tmp_path), "differs", out)
+
+    nan = tmp_path / "nan.safetensors"
+    m = _client(0)
+    with torch.no_grad():
+        m.conv1.weight[0, 0, 0, 0] = float("nan")
+    checkpoint.save(nan, m, **META, n_samples=5)
+    _expect_error(run("merge", clients / "client_000.safetensors", nan, "--out", out,
+                      cwd=tmp_path), "NaN", out)
+
+    _expect_error(run("merge", clients / "client_000.safetensors", "--out", out, cwd=tmp_path),
+                  "at least two", out)
+
+    d = tmp_path / "nobn"
+    for k in range(2):
+        torch.manual_seed(k)
+        from nobn_model import NoBN
+        checkpoint.save(d / f"client_{k}.safetensors", NoBN(), arch="nobn_model:NoBN",
+                        arch_kwargs={}, n_samples=3)
+    _expect_error(run("merge", d, "--out", out, "--config", tmp_path / "fast.json",
+                      cwd=tmp_path), "BatchNorm", out)
+    _expect_error(run("merge", tmp_path / "missing_dir", "--out", out, cwd=tmp_path),
+                  "no such", out)

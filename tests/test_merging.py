@@ -1,0 +1,117 @@
+"""Merging methods: invariants on tiny ResNets built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dmm.errors import DMMError
+from dmm.merging import available_methods, get_method, merge_states
+from dmm.permute import PermutationSpec, apply_permutation, random_permutation, spec_for
+
+
+def _trained_like(seed: int):
+    """A tiny model with non-trivial BN statistics and weights."""
+    m = tiny_model(seed)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 16, 16) * (1 + seed))
+    return m.eval()
+
+
+BASE_METHODS = {"average": {}, "task_arithmetic": {}, "ties": {"density": 1.0},
+                "rebasin": {}}
+
+
+def test_registry_lists_methods_with_papers():
+    assert set(BASE_METHODS) <= set(available_methods())
+    for name in BASE_METHODS:
+        m = get_method(name)
+        assert m.paper.startswith("https://") and m.bn_handling
+
+
+def test_permuted_model_gives_identical_outputs():
+    m = _trained_like(1)
+    spec = spec_for(m)
+    perms = random_permutation(spec, m.state_dict(), torch.Generator().manual_seed(0))
+    p = tiny_model(2)
+    p.load_state_dict(apply_permutation(spec, perms, m.state_dict()))
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(p.eval()(x), m(x), atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(v, m.state_dict()[k]) for k, v in p.state_dict().items())
+
+
+def test_rebasin_of_model_and_permuted_copy_returns_the_model():
+    m = _trained_like(1)
+    a = m.state_dict()
+    spec = spec_for(m)
+    b = apply_permutation(spec, random_permutation(spec, a, torch.Generator().manual_seed(3)), a)
+    out = merge_states([a, b], "rebasin", model=m)
+    for k, v in a.items():
+        if k.endswith("num_batches_tracked"):
+            assert int(out[k]) == 2 * int(v)
+        else:
+            torch.testing.assert_close(out[k], v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(BASE_METHODS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_identical_models_merge_to_themselves(method, k):
+    m = _trained_like(0)
+    s = m.state_dict()
+    base = tiny_model(7).state_dict()
+    out = merge_states([s] * k, method, model=m, base=base, weights=[1.0 + i for i in range(k)],
+                       **BASE_METHODS[method])
+    for key, v in s.items():
+        if key.endswith("num_batches_tracked"):
+            assert int(out[key]) == k * int(v)
+        else:
+            torch.testing.assert_close(out[key], v, atol=1e-6, rtol=0)
+
+
+def test_ties_density_one_without_conflicts_equals_task_arithmetic():
+    m = _trained_like(0)
+    base = m.state_dict()
+    g = torch.Generator().manual_seed(0)
+    direction = {k: torch.rand(v.shape, generator=g) for k, v in base.items()
+                 if v.dtype.is_floating_point}
+    # all task vectors positive multiples of one direction: no sign conflicts
+    states = [{k: (v + c * direction[k] if k in direction else v) for k, v in base.items()}
+              for c in (0.1, 0.5, 0.9)]
+    w = [1.0, 2.0, 3.0]
+    ta = merge_states(states, "task_arithmetic", model=m, base=base, weights=w, scale=0.7)
+    ti = merge_states(states, "ties", model=m, base=base, weights=w, scale=0.7, density=1.0)
+    for k in ta:
+        torch.testing.assert_close(ti[k], ta[k], atol=1e-6, rtol=0)
+
+
+def test_ties_trims_and_elects_signs():
+    from dmm.merging.task_arithmetic import ties_combine, trim_to_density
+    t = torch.tensor([1.0, -4.0, 2.0, 0.5])
+    assert torch.equal(trim_to_density(t, 0.5), torch.tensor([0.0, -4.0, 2.0, 0.0]))
+    out = ties_combine([torch.tensor([1.0, 2.0]), torch.tensor([-3.0, 2.0])], [1, 1], 1.0)
+    torch.testing.assert_close(out, torch.tensor([-3.0, 2.0], dtype=torch.float64))
+
+
+def test_bad_inputs_are_clear_errors():
+    m = _trained_like(0)
+    s = m.state_dict()
+    with pytest.raises(DMMError, match="base model"):
+        merge_states([s, s], "task_arithmetic", model=m)
+    with pytest.raises(DMMError, match="density"):
+        merge_states([s, s], "ties", model=m, base=s, density=1.5)
+    other = tiny_model(0, classes=5).state_dict()
+    with pytest.raises(DMMError, match="shape"):
+        merge_states([s, other], "average", model=m)
+    with pytest.raises(DMMError, match="unknown merging method"):
+        merge_states([s], "nope", model=m)
+    spec = spec_for(m)
+    broken = PermutationSpec({k: v for k, v in spec.axes_to_perm.items() if k != "fc.bias"})
+    with pytest.raises(DMMError, match="does not fit"):
+        broken.check(s)
+    bad_axes = dict(spec.axes_to_perm)
+    bad_axes["conv1.weight"] = ("P_stem",)
+    with pytest.raises(DMMError, match="dimensions"):
+        PermutationSpec(bad_axes).check(s)
