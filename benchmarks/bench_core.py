@@ -38,15 +38,17 @@ from dmm.pipeline import DMMConfig, preset, refine
 
 def rows() -> dict[str, DMMConfig | None]:
     off = dict(inversion_augmentation=False, distill=False)
-    experts = preset("default", distill=True, selection="all",
-                     distillation=DistillConfig(teacher_signal="experts", gamma=0.0, eta=0.0,
-                                                optimizer="sgd", lr=1e-3))
+    full_net = preset("default", distillation=DistillConfig(optimizer="sgd", lr=1e-3))
+    experts = preset("default", distill=True, selection="all")
+    experts.distillation.teacher_signal = "experts"
+    experts.distillation.gamma = experts.distillation.eta = 0.0
     return {
         "FedAvg": None,
         "+ buffer aggregation (samples)": preset("default", buffer_weights="samples", **off),
         "+ buffer aggregation (counts, Eq. 3-4)": preset("default", **off),
-        "+ inversion augmentation (= DMM default)": preset("default"),
-        "DMM paper (+ selective KD, softmax)": preset("paper"),
+        "+ inversion augmentation, whole network (SGD 1e-3)": full_net,
+        "+ inversion augmentation, head only (= DMM default)": preset("default"),
+        "DMM paper (+ selective KD, softmax, Adam)": preset("paper"),
         "DMM default + KD experts (all teachers)": experts,
     }
 

@@ -17,7 +17,8 @@ from dmm import checkpoint
 META = {"arch": "resnet8", "arch_kwargs": {"width": 0.25, "num_classes": 4, "in_channels": 1},
         "input_mean": [0.3], "input_std": [0.3], "input_size": [1, 16, 16],
         "classes": ["a", "b", "c", "d"]}
-FAST = {"inversion": {"n_images": 16, "batch_size": 8, "iterations": 3, "bf16": False},
+FAST = {"inversion": {"n_images": 16, "batch_size": 8, "iterations": 3, "bf16": False,
+                      "compile": False},
         "distillation": {"steps": 2, "batch_size": 8, "bf16": False}, "distill": True,
         "selection": "all"}
 

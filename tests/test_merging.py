@@ -115,3 +115,70 @@ def test_bad_inputs_are_clear_errors():
     bad_axes["conv1.weight"] = ("P_stem",)
     with pytest.raises(DMMError, match="dimensions"):
         PermutationSpec(bad_axes).check(s)
+
+
+# ---- PLeaS and CAT ---------------------------------------------------------------------------
+
+X = torch.randn(24, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def test_pleas_on_model_and_permuted_copy_returns_the_model():
+    m = _trained_like(1)
+    a = m.state_dict()
+    spec = spec_for(m)
+    b = apply_permutation(spec, random_permutation(spec, a, torch.Generator().manual_seed(4)), a)
+    out = merge_states([a, b], "pleas", model=m, inputs=X, ridge=1e-10)
+    for k, v in a.items():
+        if not k.endswith("num_batches_tracked"):
+            torch.testing.assert_close(out[k], v, atol=1e-4, rtol=1e-4)
+
+
+def test_pleas_least_squares_lowers_feature_mismatch_against_averaging():
+    from dmm.merging.pleas import aligned_states, layer_mismatch
+    m = _trained_like(0)
+    states = [_trained_like(0).state_dict(), _trained_like(3).state_dict()]
+    aligned = aligned_states(states, m, weights=[0.5, 0.5], seed=0)
+    avg = merge_states(aligned, "average", model=m)
+    ls = merge_states(states, "pleas", model=m, inputs=X, ridge=1e-8)
+    e_avg = layer_mismatch(aligned, avg, m, X, [1, 1])
+    e_ls = layer_mismatch(aligned, ls, m, X, [1, 1])
+    assert sum(e_ls.values()) < 0.5 * sum(e_avg.values())
+    assert all(e_ls[n] <= e_avg[n] + 1e-9 for n in e_avg)
+
+
+def test_pleas_synthesizes_its_own_inputs_when_none_given():
+    m = _trained_like(0)
+    out = merge_states([m.state_dict(), _trained_like(2).state_dict()], "pleas", model=m,
+                       n_inputs=8, input_shape=(1, 16, 16))
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+
+
+def test_cat_without_conflict_equals_task_arithmetic():
+    m = _trained_like(0)
+    base = tiny_model(9).state_dict()
+    states = [_trained_like(s).state_dict() for s in (1, 2, 3)]
+    ex = [X[:8], X[8:16], X[16:]]
+    ta = merge_states(states, "task_arithmetic", model=m, base=base, scale=0.8)
+    cat = merge_states(states, "cat", model=m, base=base, scale=0.8, exemplars=ex, lam=1e12,
+                       ratio_ln=0, ratio_bias=0)
+    for k in ta:
+        torch.testing.assert_close(cat[k], ta[k], atol=1e-6, rtol=0)
+    trimmed = merge_states(states, "cat", model=m, base=base, scale=0.8, exemplars=ex, lam=0.0)
+    assert any(not torch.allclose(trimmed[k], ta[k]) for k in ta)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("pleas", {"inputs": X, "ridge": 1e-10}),
+    ("cat", {"exemplars": None}),
+])
+@pytest.mark.parametrize("k", [1, 3])
+def test_feature_methods_return_identical_models(method, params, k):
+    m = _trained_like(0)
+    s = m.state_dict()
+    p = dict(params)
+    if method == "cat":
+        p["exemplars"] = [X[:8]] * k
+    out = merge_states([s] * k, method, model=m, base=tiny_model(7).state_dict(), **p)
+    for key, v in s.items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(out[key], v, atol=1e-4, rtol=1e-4)

@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge client checkpoints, optionally refine with DMM")
     p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
-    p.add_argument("--method", default="average", help="merging method (see --list-methods)")
+    p.add_argument("--method", default="average",
+                   help="average | task_arithmetic | ties | rebasin | pleas | cat")
+    p.add_argument("--base", default=None, help="base checkpoint (the common initialization, "
+                   "e.g. init.safetensors) for task arithmetic, TIES and CAT")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method parameter, e.g. --param density=0.2 (repeatable)")
     p.add_argument("--student", default=None,
                    help="use this checkpoint as the merged model instead of merging "
                         "(e.g. the FedAvg global model); the inputs are the teachers")
@@ -284,6 +289,26 @@ def _pixel_range(meta: dict) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _method_params(method: str, pairs: list[str], meta: dict) -> dict:
+    """--param KEY=VALUE pairs parsed as JSON values where possible, checked by the registry."""
+    from dmm.merging import get_method
+    from dmm.merging.registry import method_params
+
+    accepted = method_params(get_method(method))
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise DMMError(f"--param must look like KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    if "input_shape" in accepted and "input_shape" not in out and "input_size" in meta:
+        out["input_shape"] = tuple(meta["input_size"])
+    return out
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from dmm import checkpoint
     from dmm.io import provenance, write_json
@@ -325,6 +350,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kwargs = dict(n_samples=weights, input_shape=tuple(meta["input_size"])
                   if "input_size" in meta else None, pixel_range=_pixel_range(meta),
                   progress=True)
+    method_params = _method_params(args.method, args.param, meta)
+    base = None
+    if args.base:
+        base_ck, base_mod = _load_group([args.base])
+        base = base_mod[0].state_dict()
     t0 = time.perf_counter()
     if args.student:
         student_ck, student = _load_group([args.student])
@@ -334,6 +364,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             model, report = student[0], None
     else:
         model, report = merge_and_refine(modules, cfg, method=args.method, weights=weights,
+                                         base=base, method_params=method_params,
                                          refine_model=args.refine == "dmm", **kwargs)
     seconds = time.perf_counter() - t0
     report_path = Path(args.report) if args.report else out.with_suffix(".json")

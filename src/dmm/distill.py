@@ -64,6 +64,7 @@ class DistillConfig:
     anchor_weight: float = 0.0     # KD to the initial student where no teacher is kept
     teacher_signal: str = "softmax"  # softmax | agree | experts
     update_bn: bool = False        # let the student's BN statistics move
+    trainable: str = "all"         # all | head (only the last linear layer learns)
     augment: bool = True           # crop (pad 4) + flip on pseudo-images
     bf16: bool = True
 
@@ -74,6 +75,8 @@ class DistillConfig:
         if self.teacher_signal not in SIGNALS:
             raise DMMError(f"unknown teacher signal {self.teacher_signal!r}; choose one of "
                            f"{', '.join(SIGNALS)}")
+        if self.trainable not in ("all", "head"):
+            raise DMMError(f"trainable must be 'all' or 'head', got {self.trainable!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise DMMError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1:
@@ -194,6 +197,11 @@ def distill(
     if initial is not None:
         initial.to(memory_format=torch.channels_last)
     params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.trainable == "head":
+        head = [m for m in student.modules() if isinstance(m, nn.Linear)]
+        if not head:
+            raise DMMError("trainable='head' needs a final nn.Linear layer")
+        params = [p for p in head[-1].parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:

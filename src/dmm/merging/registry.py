@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,13 @@ def get_method(name: str) -> MergeMethod:
     return _REGISTRY[name]
 
 
+def method_params(method: MergeMethod) -> list[str]:
+    """The method's own keyword parameters (beyond states, weights, model, base)."""
+    sig = inspect.signature(method.fn)
+    return [n for n, p in sig.parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n not in ("weights", "model", "base")]
+
+
 def merge_states(
     states: Sequence[StateDict],
     method: str = "average",
@@ -63,7 +71,13 @@ def merge_states(
                 raise DMMError(f"model {i}: key {k} has shape {tuple(s[k].shape)}, "
                                f"model 0 has {tuple(states[0][k].shape)}")
     if m.needs_base and base is None:
-        raise DMMError(f"{m.pretty_name} needs a base model (the common initialization)")
+        raise DMMError(f"{m.pretty_name} needs a base model (the common initialization; "
+                       "--base on the command line)")
+    accepted = method_params(m)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise DMMError(f"{m.pretty_name} takes no parameter {', '.join(unknown)}; it takes "
+                       f"{', '.join(accepted) or 'none'}")
     w = list(weights) if weights is not None else [1.0] * len(states)
     if len(w) != len(states) or any(x < 0 for x in w) or sum(w) <= 0:
         raise DMMError(f"merge weights must be {len(states)} non-negative numbers with a "

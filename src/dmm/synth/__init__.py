@@ -7,8 +7,9 @@ from dmm.synth.inversion import (
     PseudoData,
     bn_matching_loss,
     invert_batch,
+    probe_classifier,
     synthesize,
 )
 
 __all__ = ["BNStatLoss", "InversionConfig", "PseudoData", "batch_stats", "bn_matching_loss",
-           "invert_batch", "running_stats", "save_grid", "synthesize"]
+           "invert_batch", "probe_classifier", "running_stats", "save_grid", "synthesize"]
