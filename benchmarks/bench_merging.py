@@ -38,12 +38,12 @@ METHODS: dict[str, dict] = {
 }
 
 
-def ensure_run(run: Path, alpha: float, seed: int, rounds: int) -> None:
+def ensure_run(run: Path, alpha: float, seed: int, rounds: int, init: str) -> None:
     if (run / "client_009.safetensors").exists():
         return
     args = ["train", "--dataset", "fmnist", "--alpha", str(alpha), "--clients", "10",
             "--regime", "oneshot", "--rounds", str(rounds), "--local-iters", "10",
-            "--seed", str(seed), "--out", str(run)]
+            "--seed", str(seed), "--out", str(run), "--oneshot-init", init]
     if dmm_main(args) != 0:
         sys.exit(f"training failed for {run}")
 
@@ -54,14 +54,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--init", default="shared", choices=["shared", "independent"],
+                    help="clients from one seeded init (federated-style) or each from its own")
     ap.add_argument("--runs-dir", default="runs/bench_merging")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     data = load_dataset("fmnist")
     results: dict = {}
     for seed in args.seeds:
-        run = Path(args.runs_dir) / f"oneshot_a{args.alpha}_s{seed}"
-        ensure_run(run, args.alpha, seed, args.rounds)
+        run = Path(args.runs_dir) / f"oneshot_{args.init}_a{args.alpha}_s{seed}"
+        ensure_run(run, args.alpha, seed, args.rounds, args.init)
         cks = checkpoint.load_dir(run)
         model = cks[0].build()
         states = [c.state for c in cks]
@@ -82,8 +84,8 @@ def main() -> None:
                                    "per_class": ev.per_class, "params": METHODS[name]}
             print(f"seed {seed} {name:<16} {100 * ev.accuracy:6.2f}%  "
                   f"rare {100 * ev.class_mean(rare):6.2f}%  {seconds:6.1f} s", flush=True)
-    lines = [f"Merging methods, one-shot regime, Fashion-MNIST, alpha {args.alpha}, 10 clients, "
-             f"seeds {args.seeds} (%, mean ± std)", "",
+    lines = [f"Merging methods, one-shot regime ({args.init} init), Fashion-MNIST, alpha "
+             f"{args.alpha}, 10 clients, seeds {args.seeds} (%, mean ± std)", "",
              "| method | accuracy | rare-class accuracy | merge wall time (s) |",
              "|---|---|---|---|"]
     for name in args.methods:
@@ -94,7 +96,7 @@ def main() -> None:
                      f"{statistics.mean(sec):.1f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    stem = f"merging_fmnist_a{args.alpha}"
+    stem = f"merging_fmnist_{args.init}_a{args.alpha}"
     write_json(Path(args.out) / f"{stem}.json", {"command": " ".join(sys.argv),
                                                  "results": results, "provenance": provenance()})
     write_text(Path(args.out) / f"{stem}.md", table + "\n")

@@ -111,3 +111,22 @@ def test_merge_bad_inputs(tmp_path, clients):
                       cwd=tmp_path), "BatchNorm", out)
     _expect_error(run("merge", tmp_path / "missing_dir", "--out", out, cwd=tmp_path),
                   "no such", out)
+
+
+def test_merge_methods_with_base_and_params(tmp_path, clients):
+    base = tmp_path / "init.safetensors"
+    checkpoint.save(base, tiny_model(42), **META, n_samples=0)
+    out = tmp_path / "ties.safetensors"
+    r = run("merge", clients, "--method", "ties", "--base", base, "--param", "density=0.5",
+            "--refine", "none", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load(out).meta["merge"]["method"] == "ties"
+    _expect_error(run("merge", clients, "--method", "ties", "--base", base, "--param",
+                      "densty=0.5", "--refine", "none", "--out", tmp_path / "x.safetensors",
+                      cwd=tmp_path), "no parameter densty", tmp_path / "x.safetensors")
+    _expect_error(run("merge", clients, "--method", "task_arithmetic", "--refine", "none",
+                      "--out", tmp_path / "y.safetensors", cwd=tmp_path), "--base",
+                  tmp_path / "y.safetensors")
+    _expect_error(run("merge", clients, "--method", "ties", "--base", base, "--param",
+                      "density=2", "--refine", "none", "--out", tmp_path / "z.safetensors",
+                      cwd=tmp_path), "density", tmp_path / "z.safetensors")

@@ -196,8 +196,9 @@ def test_distillation_moves_student_toward_teacher(data, experts):
 
 def _fast_config(**kw):
     kw.setdefault("distill", True)
+    kw.setdefault("selection", "all")
     return DMMConfig(
-        selection="all", buffer_weights="samples",
+        buffer_weights="samples",
         inversion=InversionConfig(n_images=32, batch_size=16, iterations=5, bf16=False),
         distillation=DistillConfig(steps=3, batch_size=16, gamma=0.0, eta=0.0, bf16=False),
         **kw)
@@ -250,3 +251,15 @@ def test_running_stats_are_copies(data):
     st = running_stats(m)
     st["bn1"][0].add_(1)
     assert not torch.equal(st["bn1"][0], m.bn1.running_mean)
+
+
+def test_merge_and_refine_excludes_divergent_models_from_the_merge(data, experts):
+    from dmm.pipeline import merge_and_refine
+    s = experts[0].state_dict()
+    odd = trained_model(data, seed=11, steps=60, classes=[3])
+    models = [s, s, s, odd.state_dict()]
+    cfg = _fast_config(exclude_divergent=True, inversion_augmentation=False, distill=False,
+                       buffer_aggregation=False, selection="threshold", tau=0.5)
+    merged, _ = merge_and_refine(models, cfg, template=experts[0], input_shape=SHAPE)
+    # the outlier is excluded from the parameter merge: what remains is model 0 itself
+    torch.testing.assert_close(merged.state_dict()["conv1.weight"], s["conv1.weight"])

@@ -76,6 +76,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=128)
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal coefficient")
     p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
+    p.add_argument("--oneshot-init", default="shared", choices=["shared", "independent"],
+                   help="one-shot regime: every client from the same seeded init, or each "
+                        "from its own")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -179,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs or 1,
         prox_mu=args.mu if args.regime == "fedprox" else 0.0, bf16=not args.fp32)
     cfg = FederatedConfig(regime=args.regime, rounds=args.rounds,
-                          participation=args.participation, seed=args.seed, train=train_cfg)
+                          participation=args.participation, seed=args.seed, train=train_cfg,
+                          oneshot_init=args.oneshot_init)
     cfg.validate()
     out = ensure_writable_dir(args.out)
     data = _load_data(args)

@@ -38,6 +38,7 @@ class FederatedConfig:
     rounds: int = 60
     participation: float = 1.0     # fraction of clients sampled per round
     seed: int = 0
+    oneshot_init: str = "shared"   # one-shot: shared seeded init | independent init per client
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -46,6 +47,8 @@ class FederatedConfig:
     def validate(self) -> None:
         if self.regime not in REGIMES:
             raise DMMError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if self.oneshot_init not in ("shared", "independent"):
+            raise DMMError(f"oneshot_init must be shared or independent, got {self.oneshot_init!r}")
         if self.rounds < 1:
             raise DMMError(f"rounds must be >= 1, got {self.rounds}")
         if not 0 < self.participation <= 1:
@@ -104,7 +107,11 @@ def run_federated(
             tc = TrainConfig(**{**tc.to_dict(), "local_epochs": tc.local_epochs * cfg.rounds})
         clients = []
         for k in tqdm(range(k_clients), desc="one-shot clients", disable=not progress):
-            model.load_state_dict(init)
+            if cfg.oneshot_init == "independent":  # different modes: what Git Re-Basin aligns
+                torch.manual_seed(cfg.seed * 1_000 + k + 1)
+                model.load_state_dict(model_fn().state_dict())
+            else:
+                model.load_state_dict(init)
             stats = train_local(model, client_x[k], client_y[k], data.normalize, tc,
                                 generator=_generator(cfg.seed, 0, k))
             clients.append(state_of(model))
