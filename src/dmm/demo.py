@@ -68,8 +68,8 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int = ROUNDS, n_train: int | N
     rows = [row("FedAvg", model, fed.wall_time)]
     t0 = time.perf_counter()
     buffered = copy.deepcopy(model)
-    buffered.load_state_dict(aggregate_bn_buffers(fed.client_states, model,
-                                                  weights=fed.n_samples,
+    # the same weighting as the DMM default (num_batches_tracked, the paper's c_k)
+    buffered.load_state_dict(aggregate_bn_buffers(fed.client_states, model, weights=None,
                                                   into=state_of(model)))
     rows.append(row("FedAvg + buffer aggregation", buffered, time.perf_counter() - t0))
 
