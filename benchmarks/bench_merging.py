@@ -35,6 +35,8 @@ METHODS: dict[str, dict] = {
     "rebasin": {},
     "pleas": {"input_shape": (1, 32, 32)},
     "cat": {"input_shape": (1, 32, 32), "scale": 1.0},
+    "average+bn_reset": {"bn_reset": True},
+    "rebasin+bn_reset": {"bn_reset": True},
 }
 
 
@@ -74,8 +76,8 @@ def main() -> None:
         results[seed] = {}
         for name in args.methods:
             t0 = time.perf_counter()
-            merged = merge_states(states, name, model=model, weights=weights, base=base,
-                                  **METHODS[name])
+            merged = merge_states(states, name.split("+")[0], model=model, weights=weights,
+                                  base=base, **METHODS[name])
             seconds = time.perf_counter() - t0
             model.load_state_dict(merged)
             ev = evaluate(model, data.x_test, data.y_test, data.normalize)
@@ -92,7 +94,9 @@ def main() -> None:
         acc = [results[s][name]["accuracy"] for s in args.seeds]
         rare = [results[s][name]["rare_class_accuracy"] for s in args.seeds]
         sec = [results[s][name]["seconds"] for s in args.seeds]
-        lines.append(f"| {get_method(name).pretty_name} | {fmt(acc)} | {fmt(rare)} | "
+        label = get_method(name.split("+")[0]).pretty_name + (
+            " + BN reset on pseudo-data" if "+bn_reset" in name else "")
+        lines.append(f"| {label} | {fmt(acc)} | {fmt(rare)} | "
                      f"{statistics.mean(sec):.1f} |")
     table = "\n".join(lines)
     print("\n" + table)

@@ -182,3 +182,13 @@ def test_feature_methods_return_identical_models(method, params, k):
     for key, v in s.items():
         if not key.endswith("num_batches_tracked"):
             torch.testing.assert_close(out[key], v, atol=1e-4, rtol=1e-4)
+
+
+def test_bn_reset_recomputes_statistics_only():
+    m = _trained_like(0)
+    states = [_trained_like(s).state_dict() for s in (1, 2)]
+    plain = merge_states(states, "rebasin", model=m)
+    reset = merge_states(states, "rebasin", model=m, bn_reset=True)
+    assert torch.equal(reset["conv1.weight"], plain["conv1.weight"])
+    assert not torch.allclose(reset["bn1.running_var"], plain["bn1.running_var"])
+    assert torch.isfinite(reset["bn1.running_var"]).all()

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this checkpoint as the merged model instead of merging "
                         "(e.g. the FedAvg global model); the inputs are the teachers")
     p.add_argument("--refine", default="dmm", choices=["dmm", "none"])
+    p.add_argument("--bn-reset", action="store_true",
+                   help="recompute the merged model's BN statistics on pseudo-data from every "
+                        "input model's own statistics (data-free)")
     p.add_argument("--preset", default="default", help="DMM preset: default | paper")
     p.add_argument("--config", default=None, help="JSON file of DMMConfig overrides")
     p.add_argument("--weights", default="samples", choices=["samples", "uniform"],
@@ -355,6 +358,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   if "input_size" in meta else None, pixel_range=_pixel_range(meta),
                   progress=True)
     method_params = _method_params(args.method, args.param, meta)
+    if args.bn_reset:
+        method_params.update(bn_reset=True, seed=args.seed)
     base = None
     if args.base:
         base_ck, base_mod = _load_group([args.base])

@@ -3,6 +3,7 @@ pseudo-data that makes feature-based merging (PLeaS, CAT) data-free."""
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmm.errors import DMMError
+from dmm.statedict import StateDict
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -62,3 +64,33 @@ def pseudo_inputs(model: nn.Module, n: int, *, seed: int, input_shape: tuple[int
                           ce_weight=0.0, mode="merged")
     return synthesize(model, None, cfg, num_classes=num_classes, input_shape=input_shape,
                       seed=seed).images
+
+
+def pseudo_bn_reset(merged: StateDict, states: list[StateDict], model: nn.Module, *,
+                    n_images: int = 400, iterations: int = 100, seed: int = 0,
+                    input_shape: tuple[int, ...] | None = None) -> StateDict:
+    """Recompute the merged model's BN statistics on pseudo-data, data-free.
+
+    Each input model is inverted against its own BN statistics (DeepInversion, statistics only,
+    `n_images` in total), so the pseudo-data stand in for the union of the clients' data; the
+    merged model's running statistics are then recomputed on them. This is the data-free
+    counterpart of the BN reset that Git Re-Basin and REPAIR do with real data.
+    """
+    from dmm.bn import recalibrate_bn
+    from dmm.synth import InversionConfig, probe_classifier, synthesize
+
+    models = []
+    for s in states:
+        m = copy.deepcopy(model)
+        m.load_state_dict(s)
+        models.append(m.eval())
+    shape, num_classes = probe_classifier(models[0], input_shape)
+    per = max(1, n_images // len(models))
+    cfg = InversionConfig(n_images=per * len(models), batch_size=per, iterations=iterations,
+                          mode="ensemble", merged_share=0.0, teacher_labels="prediction")
+    pseudo = synthesize(models[0], models, cfg, num_classes=num_classes, input_shape=shape,
+                        seed=seed)
+    out = copy.deepcopy(model)
+    out.load_state_dict(merged)
+    recalibrate_bn(out, pseudo.images)
+    return {k: v.detach().clone() for k, v in out.state_dict().items()}

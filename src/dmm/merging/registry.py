@@ -55,9 +55,15 @@ def merge_states(
     model: nn.Module,
     weights: Sequence[float] | None = None,
     base: StateDict | None = None,
+    bn_reset: bool = False,
+    seed: int = 0,
     **params,
 ) -> StateDict:
-    """Merge `states` (same architecture as `model`) with a registered method."""
+    """Merge `states` (same architecture as `model`) with a registered method.
+
+    `bn_reset` recomputes the merged model's BatchNorm statistics on pseudo-data synthesized
+    from every input model's own statistics (`dmm.merging.features.pseudo_bn_reset`).
+    """
     m = get_method(method)
     if not states:
         raise DMMError("nothing to merge: no models given")
@@ -82,4 +88,9 @@ def merge_states(
     if len(w) != len(states) or any(x < 0 for x in w) or sum(w) <= 0:
         raise DMMError(f"merge weights must be {len(states)} non-negative numbers with a "
                        f"positive sum, got {w}")
-    return m.fn(states, weights=w, model=model, base=base, **params)
+    merged = m.fn(states, weights=w, model=model, base=base, **params)
+    if bn_reset:
+        from dmm.merging.features import pseudo_bn_reset
+        merged = pseudo_bn_reset(merged, list(states), model, seed=seed,
+                                 input_shape=params.get("input_shape"))
+    return merged
