@@ -28,6 +28,7 @@ from dmm.evaluate import evaluate, rare_classes
 from dmm.io import provenance, write_json, write_text
 from dmm.merging import get_method, merge_states
 
+# pixel_range: Fashion-MNIST's normalized [0, 1] ((0 - 0.286) / 0.353, (1 - 0.286) / 0.353)
 METHODS: dict[str, dict] = {
     "average": {},
     "task_arithmetic": {"scale": 1.0},
@@ -35,8 +36,8 @@ METHODS: dict[str, dict] = {
     "rebasin": {},
     "pleas": {"input_shape": (1, 32, 32)},
     "cat": {"input_shape": (1, 32, 32), "scale": 1.0},
-    "average+bn_reset": {"bn_reset": True},
-    "rebasin+bn_reset": {"bn_reset": True},
+    "average+bn_reset": {"bn_reset": True, "pixel_range": (-0.810, 2.023)},
+    "rebasin+bn_reset": {"bn_reset": True, "pixel_range": (-0.810, 2.023)},
 }
 
 

@@ -359,7 +359,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   progress=True)
     method_params = _method_params(args.method, args.param, meta)
     if args.bn_reset:
-        method_params.update(bn_reset=True, seed=args.seed)
+        method_params.update(bn_reset=True, seed=args.seed, pixel_range=_pixel_range(meta))
     base = None
     if args.base:
         base_ck, base_mod = _load_group([args.base])

@@ -68,13 +68,16 @@ def pseudo_inputs(model: nn.Module, n: int, *, seed: int, input_shape: tuple[int
 
 def pseudo_bn_reset(merged: StateDict, states: list[StateDict], model: nn.Module, *,
                     n_images: int = 400, iterations: int = 100, seed: int = 0,
-                    input_shape: tuple[int, ...] | None = None) -> StateDict:
+                    input_shape: tuple[int, ...] | None = None,
+                    pixel_range: tuple[float, float] | None = None) -> StateDict:
     """Recompute the merged model's BN statistics on pseudo-data, data-free.
 
     Each input model is inverted against its own BN statistics (DeepInversion, statistics only,
     `n_images` in total), so the pseudo-data stand in for the union of the clients' data; the
     merged model's running statistics are then recomputed on them. This is the data-free
-    counterpart of the BN reset that Git Re-Basin and REPAIR do with real data.
+    counterpart of the BN reset that Git Re-Basin and REPAIR do with real data. Give
+    `pixel_range` (normalized min, max) when known: unclamped pseudo-images drift out of range
+    (measured: 24.6% instead of 33.0% for Git Re-Basin at alpha 0.1).
     """
     from dmm.bn import recalibrate_bn
     from dmm.synth import InversionConfig, probe_classifier, synthesize
@@ -89,7 +92,7 @@ def pseudo_bn_reset(merged: StateDict, states: list[StateDict], model: nn.Module
     cfg = InversionConfig(n_images=per * len(models), batch_size=per, iterations=iterations,
                           mode="ensemble", merged_share=0.0, teacher_labels="prediction")
     pseudo = synthesize(models[0], models, cfg, num_classes=num_classes, input_shape=shape,
-                        seed=seed)
+                        seed=seed, pixel_range=pixel_range)
     out = copy.deepcopy(model)
     out.load_state_dict(merged)
     recalibrate_bn(out, pseudo.images)

@@ -57,6 +57,7 @@ def merge_states(
     base: StateDict | None = None,
     bn_reset: bool = False,
     seed: int = 0,
+    pixel_range: tuple[float, float] | None = None,
     **params,
 ) -> StateDict:
     """Merge `states` (same architecture as `model`) with a registered method.
@@ -92,5 +93,6 @@ def merge_states(
     if bn_reset:
         from dmm.merging.features import pseudo_bn_reset
         merged = pseudo_bn_reset(merged, list(states), model, seed=seed,
-                                 input_shape=params.get("input_shape"))
+                                 input_shape=params.get("input_shape"),
+                                 pixel_range=pixel_range)
     return merged
