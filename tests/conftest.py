@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +44,20 @@ def tiny_data() -> ImageDataset:
 def tiny_model(seed: int = 0, classes: int = 4, channels: int = 1):
     torch.manual_seed(seed)
     return create("resnet8", width=0.25, num_classes=classes, in_channels=channels)
+
+
+def run_cli(*args, cwd) -> subprocess.CompletedProcess:
+    """`python -m dmm.cli ARGS` in a subprocess (tests/ importable for user architectures)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "dmm.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def expect_cli_error(r: subprocess.CompletedProcess, needle: str, out=None) -> None:
+    """Exit status 2, one line on stderr naming `needle`, no traceback, no output file."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    if out is not None:
+        assert not Path(out).exists() or (Path(out).is_dir() and not any(Path(out).iterdir()))

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import make_dataset
+from conftest import expect_cli_error, make_dataset, run_cli
 from dmm import checkpoint
 from dmm.cli import main
 
@@ -49,12 +46,6 @@ def test_train_then_evaluate(tmp_path, npz_file, capsys):
     assert 0 <= ev["results"][0]["accuracy"] <= 1
 
 
-def _run_cli(*args, cwd):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "dmm.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=120)
-
-
 @pytest.mark.parametrize("args, needle", [
     (["--dataset", "nope"], "unknown dataset"),
     (["--arch", "vgg"], "unknown architecture"),
@@ -69,18 +60,12 @@ def test_train_bad_input_is_one_line_exit_2_no_output(tmp_path, npz_file, args, 
     base = ["train", "--dataset", "npz", "--data-root", str(npz_file), *TINY, "--out", str(out)]
     for i in range(0, len(args), 2):  # later flags override earlier ones in argparse
         base += args[i:i + 2]
-    r = _run_cli(*base, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not out.exists() or not any(out.iterdir())
+    expect_cli_error(run_cli(*base, cwd=tmp_path), needle, out)
 
 
 def test_unwritable_output_folder(tmp_path, npz_file):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    r = _run_cli("train", "--dataset", "npz", "--data-root", str(npz_file), *TINY,
-                 "--out", str(blocker / "sub"), cwd=tmp_path)
-    assert r.returncode == 2 and "cannot be written" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("train", "--dataset", "npz", "--data-root", str(npz_file), *TINY,
+                "--out", str(blocker / "sub"), cwd=tmp_path)
+    expect_cli_error(r, "cannot be written")

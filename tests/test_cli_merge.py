@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import expect_cli_error, run_cli, tiny_model
 from dmm import checkpoint
 
 META = {"arch": "resnet8", "arch_kwargs": {"width": 0.25, "num_classes": 4, "in_channels": 1},
@@ -41,15 +37,9 @@ def clients(tmp_path):
     return d
 
 
-def run(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.run([sys.executable, "-m", "dmm.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_merge_refine_and_inspect(tmp_path, clients):
     out = tmp_path / "m" / "merged.safetensors"
-    r = run("merge", clients, "--out", out, "--config", tmp_path / "fast.json", cwd=tmp_path)
+    r = run_cli("merge", clients, "--out", out, "--config", tmp_path / "fast.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ck = checkpoint.load(out)
     assert ck.meta["merge"]["method"] == "average" and ck.meta["n_samples"] == 33
@@ -59,28 +49,21 @@ def test_merge_refine_and_inspect(tmp_path, clients):
     assert (tmp_path / "m" / "merged_pseudo.png").stat().st_size > 0
     # --student: refine a given model with the inputs as teachers
     out2 = tmp_path / "s.safetensors"
-    r = run("merge", clients, "--student", clients / "client_000.safetensors", "--out", out2,
+    r = run_cli("merge", clients, "--student", clients / "client_000.safetensors", "--out", out2,
             "--config", tmp_path / "fast.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = run("inspect", clients, "--chart", tmp_path / "div.png", cwd=tmp_path)
+    r = run_cli("inspect", clients, "--chart", tmp_path / "div.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "param-dissim" in r.stdout and (tmp_path / "div.png").stat().st_size > 0
 
 
 def test_merge_without_refine_equals_weighted_average(tmp_path, clients):
     out = tmp_path / "avg.safetensors"
-    assert run("merge", clients, "--refine", "none", "--out", out, cwd=tmp_path).returncode == 0
+    assert run_cli("merge", clients, "--refine", "none", "--out", out, cwd=tmp_path).returncode == 0
     st = checkpoint.load(out).state
     ws = [checkpoint.load(clients / f"client_{k:03d}.safetensors").state for k in range(3)]
     expect = sum((10 + k) * ws[k]["conv1.weight"].double() for k in range(3)) / 33
     torch.testing.assert_close(st["conv1.weight"].double(), expect, atol=1e-6, rtol=0)
-
-
-def _expect_error(r, needle, out):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-    assert not Path(out).exists()
 
 
 def test_merge_bad_inputs(tmp_path, clients):
@@ -88,18 +71,18 @@ def test_merge_bad_inputs(tmp_path, clients):
     other = tmp_path / "other.safetensors"
     checkpoint.save(other, tiny_model(0, classes=5), **{**META, "arch_kwargs": {
         "width": 0.25, "num_classes": 5, "in_channels": 1}}, n_samples=5)
-    _expect_error(run("merge", clients, other, "--out", out, cwd=tmp_path), "differs", out)
+    expect_cli_error(run_cli("merge", clients, other, "--out", out, cwd=tmp_path), "differs", out)
 
     nan = tmp_path / "nan.safetensors"
     m = _client(0)
     with torch.no_grad():
         m.conv1.weight[0, 0, 0, 0] = float("nan")
     checkpoint.save(nan, m, **META, n_samples=5)
-    _expect_error(run("merge", clients / "client_000.safetensors", nan, "--out", out,
+    expect_cli_error(run_cli("merge", clients / "client_000.safetensors", nan, "--out", out,
                       cwd=tmp_path), "NaN", out)
 
-    _expect_error(run("merge", clients / "client_000.safetensors", "--out", out, cwd=tmp_path),
-                  "at least two", out)
+    one = run_cli("merge", clients / "client_000.safetensors", "--out", out, cwd=tmp_path)
+    expect_cli_error(one, "at least two", out)
 
     d = tmp_path / "nobn"
     for k in range(2):
@@ -107,9 +90,9 @@ def test_merge_bad_inputs(tmp_path, clients):
         from nobn_model import NoBN
         checkpoint.save(d / f"client_{k}.safetensors", NoBN(), arch="nobn_model:NoBN",
                         arch_kwargs={}, n_samples=3)
-    _expect_error(run("merge", d, "--out", out, "--config", tmp_path / "fast.json",
+    expect_cli_error(run_cli("merge", d, "--out", out, "--config", tmp_path / "fast.json",
                       cwd=tmp_path), "BatchNorm", out)
-    _expect_error(run("merge", tmp_path / "missing_dir", "--out", out, cwd=tmp_path),
+    expect_cli_error(run_cli("merge", tmp_path / "missing_dir", "--out", out, cwd=tmp_path),
                   "no such", out)
 
 
@@ -117,16 +100,16 @@ def test_merge_methods_with_base_and_params(tmp_path, clients):
     base = tmp_path / "init.safetensors"
     checkpoint.save(base, tiny_model(42), **META, n_samples=0)
     out = tmp_path / "ties.safetensors"
-    r = run("merge", clients, "--method", "ties", "--base", base, "--param", "density=0.5",
+    r = run_cli("merge", clients, "--method", "ties", "--base", base, "--param", "density=0.5",
             "--refine", "none", "--out", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(out).meta["merge"]["method"] == "ties"
-    _expect_error(run("merge", clients, "--method", "ties", "--base", base, "--param",
+    expect_cli_error(run_cli("merge", clients, "--method", "ties", "--base", base, "--param",
                       "densty=0.5", "--refine", "none", "--out", tmp_path / "x.safetensors",
                       cwd=tmp_path), "no parameter densty", tmp_path / "x.safetensors")
-    _expect_error(run("merge", clients, "--method", "task_arithmetic", "--refine", "none",
+    expect_cli_error(run_cli("merge", clients, "--method", "task_arithmetic", "--refine", "none",
                       "--out", tmp_path / "y.safetensors", cwd=tmp_path), "--base",
                   tmp_path / "y.safetensors")
-    _expect_error(run("merge", clients, "--method", "ties", "--base", base, "--param",
+    expect_cli_error(run_cli("merge", clients, "--method", "ties", "--base", base, "--param",
                       "density=2", "--refine", "none", "--out", tmp_path / "z.safetensors",
                       cwd=tmp_path), "density", tmp_path / "z.safetensors")
