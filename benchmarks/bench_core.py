@@ -71,8 +71,6 @@ def bench_seed(run: Path, data, names: dict[str, DMMConfig | None]) -> dict:
     part = json.loads((run / "partition.json").read_text())
     train_s = json.loads((run / "train.json").read_text())["wall_time_s"]
     rare = rare_classes(np.array(part["label_counts"]))
-    lo = (0 - data.mean[0]) / data.std[0]
-    hi = (1 - data.mean[0]) / data.std[0]
     out: dict = {"run": str(run), "fedavg_train_s": train_s, "rare_classes": rare, "rows": {}}
     pseudo_cache: dict[str, object] = {}
     for name, cfg in names.items():
@@ -82,8 +80,8 @@ def bench_seed(run: Path, data, names: dict[str, DMMConfig | None]) -> dict:
         else:
             key = json.dumps([cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed])
             model, rep = refine(glob, teachers, cfg, n_samples=n, input_shape=(1, 32, 32),
-                                pixel_range=(lo, hi), pseudo=pseudo_cache.get(key))
-            if getattr(rep, "pseudo", None) is not None:
+                                pixel_range=data.pixel_range, pseudo=pseudo_cache.get(key))
+            if rep.pseudo is not None:
                 pseudo_cache.setdefault(key, rep.pseudo)
             seconds = rep.timings["total_s"]
         ev = evaluate(model, data.x_test, data.y_test, data.normalize)

@@ -23,12 +23,13 @@ from bench_core import fmt
 
 from dmm import checkpoint
 from dmm.cli import main as dmm_main
-from dmm.data import load_dataset
+from dmm.data import fmnist, load_dataset
+from dmm.data.base import pixel_range
 from dmm.evaluate import evaluate, rare_classes
 from dmm.io import provenance, write_json, write_text
 from dmm.merging import get_method, merge_states
 
-# pixel_range: Fashion-MNIST's normalized [0, 1] ((0 - 0.286) / 0.353, (1 - 0.286) / 0.353)
+FMNIST_RANGE = pixel_range(fmnist.MEAN, fmnist.STD)  # pseudo-images are clamped to it
 METHODS: dict[str, dict] = {
     "average": {},
     "task_arithmetic": {"scale": 1.0},
@@ -36,8 +37,8 @@ METHODS: dict[str, dict] = {
     "rebasin": {},
     "pleas": {"input_shape": (1, 32, 32)},
     "cat": {"input_shape": (1, 32, 32), "scale": 1.0},
-    "average+bn_reset": {"bn_reset": True, "pixel_range": (-0.810, 2.023)},
-    "rebasin+bn_reset": {"bn_reset": True, "pixel_range": (-0.810, 2.023)},
+    "average+bn_reset": {"bn_reset": True, "pixel_range": FMNIST_RANGE},
+    "rebasin+bn_reset": {"bn_reset": True, "pixel_range": FMNIST_RANGE},
 }
 
 

@@ -289,11 +289,11 @@ def _load_group(inputs: list[str]):
 
 
 def _pixel_range(meta: dict) -> tuple[float, float] | None:
+    from dmm.data.base import pixel_range
+
     if "input_mean" not in meta:
         return None
-    lo = min((0 - m) / s for m, s in zip(meta["input_mean"], meta["input_std"], strict=True))
-    hi = max((1 - m) / s for m, s in zip(meta["input_mean"], meta["input_std"], strict=True))
-    return lo, hi
+    return pixel_range(meta["input_mean"], meta["input_std"])
 
 
 def _method_params(method: str, pairs: list[str], meta: dict) -> dict:
@@ -377,7 +377,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                          refine_model=args.refine == "dmm", **kwargs)
     seconds = time.perf_counter() - t0
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
-    pseudo = getattr(report, "pseudo", None)
+    pseudo = report.pseudo if report is not None else None
     checkpoint.save(out, model, **{**meta, "client_id": None,
                                    "n_samples": int(sum(weights)),
                                    "merge": {"method": args.method, "refine": args.refine,

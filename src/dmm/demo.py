@@ -74,14 +74,12 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int = ROUNDS, n_train: int | N
     rows.append(row("FedAvg + buffer aggregation", buffered, time.perf_counter() - t0))
 
     dmm_cfg = preset("default", seed=seed, **(dmm_overrides or {}))
-    lo = min((0 - m) / s for m, s in zip(data.mean, data.std, strict=True))
-    hi = max((1 - m) / s for m, s in zip(data.mean, data.std, strict=True))
     t0 = time.perf_counter()
     refined, rep = refine(model, clients, dmm_cfg, n_samples=fed.n_samples,
-                          input_shape=tuple(data.x_train.shape[1:]), pixel_range=(lo, hi),
+                          input_shape=tuple(data.x_train.shape[1:]), pixel_range=data.pixel_range,
                           progress=True)
     rows.append(row("FedAvg + DMM", refined, time.perf_counter() - t0))
-    pseudo = getattr(rep, "pseudo", None)
+    pseudo = rep.pseudo
     if pseudo is not None:
         save_grid(pseudo.images, pseudo.labels, out / "pseudo_data.png", mean=data.mean,
                   std=data.std, class_names=data.classes)

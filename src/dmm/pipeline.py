@@ -105,9 +105,11 @@ class DMMReport:
     distillation: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    pseudo: PseudoData | None = field(default=None, repr=False)  # for grids; not serialized
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name != "pseudo"}
 
 
 def _as_module(template: nn.Module, m: nn.Module | StateDict) -> nn.Module:
@@ -197,7 +199,7 @@ def refine(
                               pseudo.labels, dcfg, seed=cfg.seed, progress=progress)
         timings["distill_s"] = time.perf_counter() - t2
         report.distillation = drep.to_dict()
-        report.pseudo = pseudo  # type: ignore[attr-defined]  # kept for grids, not serialized
+        report.pseudo = pseudo
     # reused pseudo-data still count: the wall time is what this configuration costs alone
     timings["total_s"] = time.perf_counter() - t0 + (
         timings.get("inversion_s", 0.0) if reused else 0.0)

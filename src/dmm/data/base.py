@@ -38,6 +38,10 @@ class ImageDataset:
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return (x.float().div_(255.0) - mean) / std
 
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        return pixel_range(self.mean, self.std)
+
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> ImageDataset:
         """The first n_train / n_test samples (for quick runs and tests)."""
         return ImageDataset(
@@ -50,6 +54,14 @@ class ImageDataset:
             self.mean,
             self.std,
         )
+
+
+def pixel_range(mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]
+                ) -> tuple[float, float]:
+    """The widest (min, max) that pixels in [0, 1] take after per-channel normalization."""
+    lo = min((0.0 - m) / s for m, s in zip(mean, std, strict=True))
+    hi = max((1.0 - m) / s for m, s in zip(mean, std, strict=True))
+    return lo, hi
 
 
 Loader = Callable[[Path | None], ImageDataset]
