@@ -280,11 +280,10 @@ def _load_group(inputs: list[str]):
             raise DMMError(f"{ck.path}: architecture {ck.meta.get('arch')} "
                            f"{ck.meta.get('arch_kwargs')} differs from {first.path}: "
                            f"{first.meta.get('arch')} {first.meta.get('arch_kwargs')}")
+    from dmm.statedict import check_finite
+
     modules = [ck.build() for ck in ckpts]
-    for ck, m in zip(ckpts, modules, strict=True):
-        for k, v in m.state_dict().items():
-            if v.dtype.is_floating_point and not v.isfinite().all():
-                raise DMMError(f"{ck.path}: key {k} has NaN or Inf values")
+    check_finite([m.state_dict() for m in modules], [str(ck.path) for ck in ckpts])
     return ckpts, modules
 
 

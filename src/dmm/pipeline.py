@@ -19,7 +19,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
-import torch
 from torch import nn
 
 from dmm.bn import aggregate_bn_buffers
@@ -27,7 +26,7 @@ from dmm.distill import DistillConfig, distill
 from dmm.divergence import divergence_scores
 from dmm.errors import DMMError
 from dmm.merging import merge_states
-from dmm.statedict import StateDict, bn_layers, state_of
+from dmm.statedict import StateDict, bn_layers, check_finite, state_of
 from dmm.synth import InversionConfig, PseudoData, probe_classifier, synthesize
 
 log = logging.getLogger(__name__)
@@ -120,13 +119,6 @@ def _as_module(template: nn.Module, m: nn.Module | StateDict) -> nn.Module:
     return out
 
 
-def _check_finite(states: Sequence[StateDict], names: Sequence[str]) -> None:
-    for s, name in zip(states, names, strict=True):
-        for k, v in s.items():
-            if v.dtype.is_floating_point and not torch.isfinite(v).all():
-                raise DMMError(f"{name}: key {k} has NaN or Inf values")
-
-
 def refine(
     student: nn.Module | StateDict,
     teachers: Sequence[nn.Module | StateDict],
@@ -161,7 +153,7 @@ def refine(
     model = copy.deepcopy(_as_module(template, student))
     teacher_mods = [_as_module(template, t) for t in teachers]
     t_states = [state_of(t) for t in teacher_mods]
-    _check_finite([state_of(model), *t_states], ["student", *[f"teacher {i}" for i in
+    check_finite([state_of(model), *t_states], ["student", *[f"teacher {i}" for i in
                                                               range(len(t_states))]])
     shape, num_classes = probe_classifier(model, input_shape)
     reused = pseudo is not None

@@ -92,6 +92,16 @@ def weighted_average(
     return out
 
 
+def check_finite(states: Sequence[StateDict], names: Sequence[str]) -> None:
+    """Raise DMMError naming the first model and key with a NaN or Inf value."""
+    from dmm.errors import DMMError
+
+    for s, name in zip(states, names, strict=True):
+        for k, v in s.items():
+            if v.dtype.is_floating_point and not torch.isfinite(v).all():
+                raise DMMError(f"{name}: key {k} has NaN or Inf values")
+
+
 def clone_state(state: StateDict) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
 

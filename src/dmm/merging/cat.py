@@ -50,23 +50,32 @@ def _rescale(new: torch.Tensor, old_norm: torch.Tensor) -> torch.Tensor:
     return new * (old_norm / n) if n > 0 else new
 
 
-def removal_basis(taus: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], k: int, *, c: int,
-                  lam: float) -> torch.Tensor | None:
-    """B_k (C_out, <= c) of the top positive eigenvectors of M_k, or None."""
-    m = None
-    for i, t in enumerate(taus):
-        if i == k:
-            continue
-        p = t @ xs[k].T          # (C_out, n_k)
-        q = t @ xs[i].T          # (C_out, n_i)
-        term = p @ p.T / len(xs[k]) - lam * (q @ q.T) / len(xs[i])
-        m = term if m is None else m + term
-    if m is None or c <= 0:
-        return None
-    vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
-    order = torch.argsort(vals, descending=True)
-    keep = [int(j) for j in order[:c] if vals[j] > 0]
-    return vecs[:, keep] if keep else None
+def removal_bases(taus: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], *, c: int,
+                  lam: float) -> list[torch.Tensor | None]:
+    """For every k, B_k (C_out, <= c): the top positive eigenvectors of M_k, or None.
+
+    T_i X_i^T X_i T_i^T / n_i does not depend on k, so it is computed once per model.
+    """
+    if c <= 0 or len(taus) < 2:
+        return [None] * len(taus)
+    own = []
+    for t, x in zip(taus, xs, strict=True):
+        q = t @ x.T              # (C_out, n_i)
+        own.append(q @ q.T / len(x))
+    bases: list[torch.Tensor | None] = []
+    for k in range(len(taus)):
+        m = None
+        for i, t in enumerate(taus):
+            if i == k:
+                continue
+            p = t @ xs[k].T      # (C_out, n_k)
+            term = p @ p.T / len(xs[k]) - lam * own[i]
+            m = term if m is None else m + term
+        vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
+        order = torch.argsort(vals, descending=True)
+        keep = [int(j) for j in order[:c] if vals[j] > 0]
+        bases.append(vecs[:, keep] if keep else None)
+    return bases
 
 
 def cat_merge(
@@ -126,8 +135,7 @@ def cat_merge(
         for n in layers:
             key = f"{n}.weight"
             mats = [t[key].reshape(t[key].shape[0], -1) for t in taus]
-            bases = [removal_basis(mats, [f[n] for f in feats], k, c=c, lam=lam)
-                     for k in range(K)]
+            bases = removal_bases(mats, [f[n] for f in feats], c=c, lam=lam)
             for j in range(K):
                 t = mats[j]
                 for k in range(K):
