@@ -128,6 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="JSON report (default: beside --out)")
     p.add_argument("--grid", default=None, help="PNG grid of the pseudo-data (default: beside)")
 
+    p = sub.add_parser("bench", help="the paper's Table 1, references and ablations as a "
+                       "resumable grid (dataset x alpha x method x seed)")
+    p.add_argument("--preset", default="quick", help="quick (<= 15 min on 2 cores) | paper")
+    p.add_argument("--dataset", default=None, help="fmnist | cifar10 | cifar100 | npz")
+    p.add_argument("--data-root", default=None, help="folder of the data set's files")
+    p.add_argument("--alphas", type=float, nargs="+", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all)")
+    p.add_argument("--rounds", type=_positive_int("--rounds"), default=None)
+    p.add_argument("--width", type=_positive_float("--width"), default=None)
+    p.add_argument("--device", default=None, help="cpu (default) | cuda | cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other bench setting (see dmm.bench.BenchSpec), JSON value")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: benchmarks/results/<dataset>-<preset>)")
+    p.add_argument("--cache-dir", default="runs/bench-cache",
+                   help="trained client models, reused across rows and runs")
+    p.add_argument("--render-only", action="store_true",
+                   help="only regenerate tables, CSV and plots from the results folder")
+    p.add_argument("--readme", default=None,
+                   help="also write the table into this file's <!-- dmm-bench:NAME --> section")
+
     p = sub.add_parser("inspect", help="divergence table of client models against a merge")
     p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
     p.add_argument("--student", default=None, help="merged model to compare against "
@@ -433,8 +455,55 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dmm.bench import BenchSpec, ResultStore, get_preset, run_bench, write_outputs
+    from dmm.bench.report import render_markdown, update_readme
+    from dmm.io import ensure_writable_dir, write_json
+
+    overrides: dict = {}
+    for name in ("dataset", "data_root", "alphas", "seeds", "rows", "rounds", "width", "device"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    for pair in args.set:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in BenchSpec.__dataclass_fields__:
+            raise DMMError(f"--set must be KEY=VALUE with a bench setting as KEY, got {pair!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    spec = get_preset(args.preset, **overrides)
+    spec.validate()
+    out = Path(args.out or f"benchmarks/results/{spec.dataset}-{args.preset}")
+    if args.render_only:
+        store = ResultStore(out / "cells.jsonl")
+        if not len(store):
+            raise DMMError(f"{out / 'cells.jsonl'}: no results to render")
+    else:
+        ensure_writable_dir(out)
+        ensure_writable_dir(args.cache_dir)
+        if spec.dataset != "fmnist" or spec.data_root:  # fail before any training
+            from dmm.bench.runner import load_bench_data
+            load_bench_data(spec)
+        write_json(out / "spec.json", {"preset": args.preset, "spec": spec.to_dict()})
+        t0 = time.perf_counter()
+        store = run_bench(spec, out, args.cache_dir)
+        print(f"bench finished in {time.perf_counter() - t0:.0f} s of wall time")
+    wanted = {spec.cell_key(c) for c in spec.cells()}
+    records = [r for k, r in store.records.items() if k in wanted]
+    if not records:
+        raise DMMError(f"{out / 'cells.jsonl'} holds no cell of this preset and settings")
+    paths = write_outputs(records, spec, out)
+    table = render_markdown(records, spec)
+    print("\n" + table)
+    if args.readme:
+        update_readme(Path(args.readme), f"{spec.dataset}-{args.preset}", table)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 _COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate,
-             "merge": cmd_merge, "inspect": cmd_inspect}
+             "merge": cmd_merge, "inspect": cmd_inspect, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

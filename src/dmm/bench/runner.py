@@ -1,0 +1,273 @@
+"""The grid runner: shared training done once, every cell written as soon as it finishes.
+
+Cells are grouped by (alpha, K, seed). Within a group, the models of each regime (FedAvg,
+FedProx, FedBN, one-shot, central) are trained at most once and kept on disk under the cache
+folder (keyed by their training settings), so a resumed run or another row reuses them. The
+Cat-Merge result and the pseudo-data of identical inversions are shared by the rows of a group;
+a row's wall time still counts the synthesis and merge it needs, as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from itertools import groupby
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dmm import checkpoint
+from dmm.bench.rows import DMM_ROWS, MERGE_ROWS, dense_config, dmm_config
+from dmm.bench.spec import ROWS, BenchSpec, Cell, digest
+from dmm.bench.store import ResultStore
+from dmm.data import dirichlet_partition, load_dataset
+from dmm.data.base import ImageDataset
+from dmm.evaluate import EvalResult, eval_from_logits, evaluate, predict_logits, rare_classes
+from dmm.federated import FederatedConfig, TrainConfig, run_federated
+from dmm.federated.client import train_local
+from dmm.io import provenance
+from dmm.merging import merge_states
+from dmm.models import create
+from dmm.statedict import StateDict
+
+log = logging.getLogger(__name__)
+
+
+class Trained:
+    """The models one regime produced for one (alpha, K, seed), with its wall time."""
+
+    def __init__(self, folder: Path) -> None:
+        meta = json.loads((folder / "meta.json").read_text())
+        self.wall_time: float = meta["wall_time_s"]
+        self.n_samples: list[int] = meta["n_samples"]
+        self.init = checkpoint.load(folder / "init.safetensors").state
+        g = folder / "global.safetensors"
+        self.global_state = checkpoint.load(g).state if g.exists() else None
+        self.clients = ([c.state for c in checkpoint.load_dir(folder)]
+                        if any(folder.glob("client_*.safetensors")) else [])
+
+
+class Group:
+    """Lazily trained regimes and shared intermediate results of one (alpha, K, seed)."""
+
+    def __init__(self, spec: BenchSpec, data: ImageDataset, alpha: float, k: int, seed: int,
+                 cache_dir: Path, grids_dir: Path | None) -> None:
+        self.spec, self.data, self.alpha, self.k, self.seed = spec, data, alpha, k, seed
+        self.cache_dir, self.grids_dir = cache_dir, grids_dir
+        self.arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+        if ":" not in spec.arch:
+            self.arch_kwargs["width"] = spec.width
+        self.partition = dirichlet_partition(
+            data.y_train.numpy(), k, alpha, seed=seed, min_size=spec.min_size,
+            num_classes=data.num_classes)
+        self.rare = rare_classes(self.partition.counts)
+        self.input_shape = tuple(data.x_train.shape[1:])
+        self._trained: dict[str, Trained] = {}
+        self._cat: tuple[StateDict, float] | None = None
+        self._pseudo: dict[str, object] = {}
+
+    # ---- models ------------------------------------------------------------------------
+    def model(self, state: StateDict | None = None) -> torch.nn.Module:
+        m = create(self.spec.arch, **self.arch_kwargs)
+        if state is not None:
+            m.load_state_dict(state)
+        return m.to(self.spec.device).eval()
+
+    def trained(self, regime: str) -> Trained:
+        if regime not in self._trained:
+            settings = self.spec.train_settings(regime, self.alpha, self.k, self.seed)
+            folder = self.cache_dir / f"{regime}_a{self.alpha}_k{self.k}_s{self.seed}_" \
+                                      f"{digest(settings)}"
+            if not (folder / "meta.json").exists():
+                self._train(regime, settings, folder)
+            self._trained[regime] = Trained(folder)
+        return self._trained[regime]
+
+    def _train(self, regime: str, settings: dict, folder: Path) -> None:
+        spec = self.spec
+        tc = TrainConfig(lr=spec.lr, batch_size=spec.batch_size, local_iters=spec.local_iters,
+                         prox_mu=spec.mu if regime == "fedprox" else 0.0)
+        t0 = time.perf_counter()
+        if regime == "central":
+            torch.manual_seed(self.seed)
+            model = create(spec.arch, **self.arch_kwargs).to(spec.device)
+            init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            tc.local_iters = spec.rounds * spec.local_iters
+            train_local(model, self.data.x_train, self.data.y_train, self.data.normalize, tc,
+                        generator=torch.Generator().manual_seed(self.seed))
+            glob, clients, n = model.state_dict(), [], [len(self.data.y_train)]
+        else:
+            cfg = FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed, train=tc)
+            res = run_federated(lambda: create(spec.arch, **self.arch_kwargs), self.data,
+                                self.partition, cfg, progress=False)
+            init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
+                res.n_samples
+        wall = time.perf_counter() - t0
+        # write into a hidden folder, then rename: a killed run never leaves half a cache entry
+        tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir(parents=True)
+        try:
+            meta = {"arch": spec.arch, "arch_kwargs": self.arch_kwargs,
+                    "classes": self.data.classes, "input_mean": list(self.data.mean),
+                    "input_std": list(self.data.std), "input_size": list(self.input_shape)}
+            checkpoint.save(tmp / "init.safetensors", init, **meta, n_samples=0)
+            if glob is not None:
+                checkpoint.save(tmp / "global.safetensors", glob, **meta,
+                                n_samples=int(sum(n)), regime=regime)
+            for i, s in enumerate(clients):
+                checkpoint.save(tmp / f"client_{i:03d}.safetensors", s, **meta,
+                                n_samples=n[i], client_id=i)
+            (tmp / "meta.json").write_text(json.dumps(
+                {"settings": settings, "wall_time_s": wall, "n_samples": list(n),
+                 "label_counts": self.partition.counts.tolist(), "provenance": provenance()},
+                indent=2))
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    # ---- rows --------------------------------------------------------------------------
+    def cat_merged(self) -> tuple[StateDict, float]:
+        if self._cat is None:
+            t = self.trained("oneshot")
+            t0 = time.perf_counter()
+            method, params = MERGE_ROWS["cat"]
+            state = merge_states(t.clients, method, model=self.model(), weights=t.n_samples,
+                                 base=t.init, seed=self.seed, input_shape=self.input_shape,
+                                 **params)
+            self._cat = (state, time.perf_counter() - t0)
+        return self._cat
+
+    def run(self, row: str) -> tuple[torch.nn.Module | torch.Tensor, dict]:
+        """The row's predictor (a model, or test logits for the ensemble) and its details."""
+        regime = ROWS[row][1]
+        t = self.trained(regime)
+        info: dict = {"train_s": t.wall_time}
+        t0 = time.perf_counter()
+        if row in ("fedavg", "fedprox", "fedbn", "central"):
+            out = self.model(t.global_state)
+        elif row in MERGE_ROWS:
+            method, params = MERGE_ROWS[row]
+            extra = {"input_shape": self.input_shape} if method in ("pleas", "cat") else {}
+            state = merge_states(t.clients, method, model=self.model(), weights=t.n_samples,
+                                 base=t.init, seed=self.seed, pixel_range=self.data.pixel_range,
+                                 **extra, **params)
+            out = self.model(state)
+        elif row in DMM_ROWS:
+            student_name, variant = DMM_ROWS[row]
+            if student_name == "cat":
+                state, merge_s = self.cat_merged()
+                info["merge_s"] = merge_s
+            else:
+                state, merge_s = t.global_state, 0.0
+            out, rep = self._refine(student_name, state, t, variant)
+            info.update(refine_s=rep.timings["total_s"], divergence=rep.divergence,
+                        teachers=rep.teachers, inversion=rep.inversion)
+            t0 -= merge_s  # the row's time includes the merge it refines
+            info["row_s_includes_shared"] = True
+        elif row == "ensemble":
+            logits = [predict_logits(self.model(s), self.data.x_test, self.data.normalize)
+                      for s in t.clients]
+            out = torch.stack([F.softmax(x.float(), 1) for x in logits]).mean(0).log()
+        elif row == "dense":
+            from dmm.dense import dense_distill
+            torch.manual_seed(self.seed)
+            student = create(self.spec.arch, **self.arch_kwargs).to(self.spec.device)
+            out, rep = dense_distill(student, [self.model(s) for s in t.clients],
+                                     dense_config(self.spec), num_classes=self.data.num_classes,
+                                     input_shape=self.input_shape,
+                                     pixel_range=self.data.pixel_range, seed=self.seed)
+            info["dense"] = {k: rep[k] for k in ("steps", "seconds")}
+        else:  # pragma: no cover - spec.validate() rejects unknown rows
+            raise KeyError(row)
+        info["row_s"] = time.perf_counter() - t0
+        return out, info
+
+    def _refine(self, student_name: str, state: StateDict, t: Trained, variant: str):
+        from dmm.pipeline import refine
+        cfg = dmm_config(variant, self.spec, self.seed)
+        key = json.dumps([student_name, cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed])
+        teachers = [self.model(s) for s in t.clients]
+        model, rep = refine(self.model(state), teachers, cfg, n_samples=t.n_samples,
+                            input_shape=self.input_shape, pixel_range=self.data.pixel_range,
+                            pseudo=self._pseudo.get(key))
+        if rep.pseudo is not None and key not in self._pseudo:
+            self._pseudo[key] = rep.pseudo
+            if self.grids_dir is not None and self.seed == self.spec.seeds[0]:
+                from dmm.synth import save_grid
+                save_grid(rep.pseudo.images, rep.pseudo.labels, self.grids_dir /
+                          f"pseudo_{student_name}_a{self.alpha}_k{self.k}_s{self.seed}.png",
+                          mean=self.data.mean, std=self.data.std, class_names=self.data.classes)
+        return model, rep
+
+
+def evaluate_output(out, data: ImageDataset) -> EvalResult:
+    if isinstance(out, torch.Tensor):
+        return eval_from_logits(out, data.y_test, data.num_classes)
+    return evaluate(out, data.x_test, data.y_test, data.normalize, num_classes=data.num_classes)
+
+
+def load_bench_data(spec: BenchSpec) -> ImageDataset:
+    data = load_dataset(spec.dataset, spec.data_root)
+    if spec.n_train or spec.n_test:
+        data = data.subset(spec.n_train, spec.n_test)
+    return data
+
+
+def run_bench(spec: BenchSpec, out_dir: str | Path, cache_dir: str | Path, *,
+              progress: bool = True, report: Callable[[str], None] = print) -> ResultStore:
+    """Run every cell of `spec` that `out_dir/cells.jsonl` does not hold yet."""
+    spec.validate()
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    store = ResultStore(out_dir / "cells.jsonl")
+    if store.dropped:
+        report(f"dropped {store.dropped} torn record(s) from {store.path}; they run again")
+    cells = spec.cells()
+    keyed = [(c, spec.cell_key(c)) for c in cells]
+    todo = [(c, key) for c, key in keyed if key not in store]
+    report(f"bench: {len(cells)} cells, {len(cells) - len(todo)} already done in "
+           f"{store.path}, {len(todo)} to run")
+    if not todo:
+        return store
+    data = load_bench_data(spec)
+    run_id = uuid.uuid4().hex[:12]
+    prov = provenance()
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells",
+               disable=not progress, unit="cell")
+    def group_of(ck):
+        return (ck[0].alpha, ck[0].k, ck[0].seed)
+    for (alpha, k, seed), items in groupby(sorted(todo, key=group_of), key=group_of):
+        group = Group(spec, data, alpha, k, seed, cache_dir / spec.dataset,
+                      out_dir / "grids")
+        for cell, key in items:
+            bar.set_postfix_str(f"a={alpha} K={k} s={seed} {cell.row}")
+            record = run_cell(group, cell, key, spec)
+            record.update(run_id=run_id, provenance=prov)
+            store.append(record)
+            bar.update(1)
+            bar.write(f"  alpha {alpha:<5} K {k:<3} seed {seed}  {ROWS[cell.row][0]:<46} "
+                      f"{100 * record['accuracy']:6.2f}%  ({record['row_s']:.0f} s)")
+    bar.close()
+    return store
+
+
+def run_cell(group: Group, cell: Cell, key: str, spec: BenchSpec) -> dict:
+    torch.manual_seed(cell.seed)
+    out, info = group.run(cell.row)
+    t0 = time.perf_counter()
+    ev = evaluate_output(out, group.data)
+    info["eval_s"] = time.perf_counter() - t0
+    return {"key": key, "dataset": spec.dataset, "alpha": cell.alpha, "k": cell.k,
+            "seed": cell.seed, "row": cell.row, "accuracy": ev.accuracy, "loss": ev.loss,
+            "per_class": ev.per_class, "rare_classes": group.rare,
+            "rare_class_accuracy": ev.class_mean(group.rare) if group.rare else None,
+            "settings": spec.cell_settings(cell), **info,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+

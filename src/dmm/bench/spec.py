@@ -1,0 +1,156 @@
+"""What a bench runs: the grid (data set x alpha x K x row x seed), its budget and presets.
+
+A *cell* is one (dataset, alpha, K, seed, row). Its cache key hashes every setting that can change
+its number: the data set and its size, the architecture, the training budget of the regime it
+consumes, and the row's own configuration (DMM config, merging parameters, DENSE budget).
+Settings that cannot change the number (output paths, progress bars) are not in the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from dmm.errors import DMMError
+
+# ---- rows -------------------------------------------------------------------------------------
+# name -> (pretty name, regime whose models it consumes)
+TABLE1 = ["fedavg", "fedprox", "fedbn", "fedavg+dmm", "pleas", "rebasin", "cat", "cat+dmm"]
+REFERENCES = ["ensemble", "central", "dense"]
+ABLATIONS = ["fedavg+buffer", "fedavg+dmm_paper", "cat+buffer", "cat+dmm_paper"]
+ROWS: dict[str, tuple[str, str]] = {
+    "fedavg": ("FedAvg", "fedavg"),
+    "fedprox": ("FedProx", "fedprox"),
+    "fedbn": ("FedBN", "fedbn"),
+    "fedavg+dmm": ("FedAvg + DMM", "fedavg"),
+    "pleas": ("PLeaS", "oneshot"),
+    "rebasin": ("Git Re-Basin", "oneshot"),
+    "cat": ("Cat-Merge", "oneshot"),
+    "cat+dmm": ("Cat-Merge + DMM", "oneshot"),
+    "ensemble": ("Ensemble of client models (reference)", "oneshot"),
+    "central": ("Centralized, all data (oracle)", "central"),
+    "dense": ("DENSE (one-shot distillation)", "oneshot"),
+    "fedavg+buffer": ("FedAvg + buffer aggregation", "fedavg"),
+    "fedavg+dmm_paper": ("FedAvg + full DMM (paper preset, with KD)", "fedavg"),
+    "cat+buffer": ("Cat-Merge + buffer aggregation", "oneshot"),
+    "cat+dmm_paper": ("Cat-Merge + full DMM (paper preset, with KD)", "oneshot"),
+}
+# ablation over the number of clients K: these rows, at the spec's `k_alphas`
+K_ROWS = ["fedavg", "fedavg+buffer", "fedavg+dmm"]
+
+
+@dataclass
+class BenchSpec:
+    dataset: str = "fmnist"
+    data_root: str | None = None
+    n_train: int | None = None           # subsample (None = the whole split)
+    n_test: int | None = None
+    arch: str = "resnet18"
+    width: float = 0.25
+    alphas: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.01])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    clients: int = 10
+    rows: list[str] = field(default_factory=lambda: TABLE1 + REFERENCES + ABLATIONS)
+    k_values: list[int] = field(default_factory=list)   # K ablation (besides `clients`)
+    k_alphas: list[float] = field(default_factory=lambda: [0.01])
+    rounds: int = 10
+    local_iters: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    mu: float = 0.01                     # FedProx
+    min_size: int = 10
+    inversion_images: int = 384          # DMM (and the DENSE budget): images x iterations
+    inversion_iters: int = 150
+    distill_steps: int = 200
+    dense_budget_scale: float = 1.0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BenchSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DMMError(f"unknown bench setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        bad = [r for r in self.rows if r not in ROWS]
+        if bad:
+            raise DMMError(f"unknown bench row(s) {', '.join(bad)}; choose from "
+                           f"{', '.join(ROWS)}")
+        if not self.alphas or any(not a > 0 for a in self.alphas):
+            raise DMMError(f"alphas must be > 0, got {self.alphas}")
+        if not self.seeds:
+            raise DMMError("no seeds given")
+        if self.clients < 2 or any(k < 2 for k in self.k_values):
+            raise DMMError("every number of clients must be >= 2")
+        for name in ("rounds", "local_iters", "batch_size", "inversion_images",
+                     "inversion_iters", "distill_steps"):
+            if getattr(self, name) < 1:
+                raise DMMError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise DMMError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+    # ---- the grid --------------------------------------------------------------------------
+    def cells(self) -> list[Cell]:
+        out = [Cell(a, self.clients, s, r) for a in self.alphas for s in self.seeds
+               for r in self.rows]
+        for k in self.k_values:
+            if k == self.clients:
+                continue
+            out += [Cell(a, k, s, r) for a in self.k_alphas for s in self.seeds
+                    for r in K_ROWS]
+        return out
+
+    def train_settings(self, regime: str, alpha: float, k: int, seed: int) -> dict:
+        """Everything that determines the client models of one regime (the training key)."""
+        d = {"dataset": self.dataset, "n_train": self.n_train, "arch": self.arch,
+             "width": self.width, "regime": regime, "seed": seed, "rounds": self.rounds,
+             "local_iters": self.local_iters, "batch_size": self.batch_size, "lr": self.lr}
+        if regime != "central":  # the oracle ignores the split
+            d.update(alpha=alpha, clients=k, min_size=self.min_size)
+        if regime == "fedprox":
+            d["mu"] = self.mu
+        return d
+
+    def cell_settings(self, cell: Cell) -> dict:
+        from dmm.bench.rows import row_config
+        regime = ROWS[cell.row][1]
+        return {"row": cell.row, "n_test": self.n_test,
+                "train": self.train_settings(regime, cell.alpha, cell.k, cell.seed),
+                "row_config": row_config(cell.row, self, cell.seed)}
+
+    def cell_key(self, cell: Cell) -> str:
+        return digest(self.cell_settings(cell))
+
+
+@dataclass(frozen=True)
+class Cell:
+    alpha: float
+    k: int
+    seed: int
+    row: str
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, BenchSpec] = {
+    # every row at alpha 0.01, one seed, a smaller budget: <= 15 min on 2 CPU cores
+    "quick": BenchSpec(alphas=[0.01], seeds=[0], rounds=5, inversion_images=256,
+                       inversion_iters=100, distill_steps=100),
+    # the paper's grid, sized by measurement for 2 CPU cores (README, "Benchmark")
+    "paper": BenchSpec(alphas=[0.5, 0.1, 0.01], seeds=[0, 1, 2], rounds=10,
+                       k_values=[5, 10, 20]),
+}
+
+
+def get_preset(name: str, **overrides) -> BenchSpec:
+    if name not in PRESETS:
+        raise DMMError(f"unknown bench preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
