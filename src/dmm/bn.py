@@ -99,9 +99,10 @@ def recalibrate_bn(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    dev = next(model.parameters()).device
     try:
         for i in range(0, len(inputs), batch_size):
-            model(inputs[i: i + batch_size])
+            model(inputs[i: i + batch_size].to(dev))
     finally:
         for m, mom in zip(layers, saved, strict=True):
             m.momentum = mom

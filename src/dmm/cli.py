@@ -480,14 +480,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not len(store):
             raise DMMError(f"{out / 'cells.jsonl'}: no results to render")
     else:
+        from dmm.bench.runner import load_bench_data
+        data = load_bench_data(spec)  # a missing or malformed data set fails before any output
         ensure_writable_dir(out)
         ensure_writable_dir(args.cache_dir)
-        if spec.dataset != "fmnist" or spec.data_root:  # fail before any training
-            from dmm.bench.runner import load_bench_data
-            load_bench_data(spec)
         write_json(out / "spec.json", {"preset": args.preset, "spec": spec.to_dict()})
         t0 = time.perf_counter()
-        store = run_bench(spec, out, args.cache_dir)
+        store = run_bench(spec, out, args.cache_dir, data=data)
         print(f"bench finished in {time.perf_counter() - t0:.0f} s of wall time")
     wanted = {spec.cell_key(c) for c in spec.cells()}
     records = [r for k, r in store.records.items() if k in wanted]

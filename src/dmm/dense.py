@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmm.errors import DMMError
-from dmm.evaluate import autocast
+from dmm.evaluate import autocast, model_device
 from dmm.synth.hooks import BNStatLoss
 
 
@@ -113,7 +113,8 @@ def dense_distill(
     teachers = [t.eval() for t in teachers]
     for t in teachers:
         t.requires_grad_(False)
-    gen = Generator(cfg.z_dim, num_classes, input_shape, pixel_range)
+    dev = model_device(student)
+    gen = Generator(cfg.z_dim, num_classes, input_shape, pixel_range).to(dev)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_student, momentum=0.9)
     steps = cfg.n_steps(len(teachers))
@@ -122,13 +123,13 @@ def dense_distill(
     T = cfg.temperature
     history = []
     for step in tqdm(range(steps), desc="DENSE", disable=not progress):
-        z = torch.randn(cfg.batch_size, cfg.z_dim, generator=g)
-        y = torch.randint(num_classes, (cfg.batch_size,), generator=g)
+        z = torch.randn(cfg.batch_size, cfg.z_dim, generator=g).to(dev)
+        y = torch.randint(num_classes, (cfg.batch_size,), generator=g).to(dev)
         # 1. generator: ensemble CE + every client's BN statistics + disagreement with student
         x = gen(z, y)
         bn_total = x.new_zeros(())
         logits = []
-        with autocast(cfg.bf16):
+        with autocast(cfg.bf16, dev.type):
             for t in teachers:
                 with BNStatLoss(t) as bn:
                     logits.append(t(x).float())
@@ -151,8 +152,8 @@ def dense_distill(
         all_x, all_t = torch.cat(bank_x), torch.cat(bank_t)
         idx = torch.randint(len(all_x), (min(len(all_x), 2 * cfg.batch_size),), generator=g)
         student.train()
-        with autocast(cfg.bf16):
-            s = student(all_x[idx]).float()
+        with autocast(cfg.bf16, dev.type):
+            s = student(all_x[idx.to(dev)]).float()
         loss_s = F.kl_div(F.log_softmax(s / T, 1), F.softmax(all_t[idx] / T, 1),
                           reduction="batchmean") * T * T
         opt_s.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from dmm.data.augment import random_crop_flip
 from dmm.errors import DMMError
-from dmm.evaluate import autocast
+from dmm.evaluate import autocast, model_device
 
 log = logging.getLogger(__name__)
 SIGNALS = ("softmax", "agree", "experts")
@@ -129,10 +129,12 @@ def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: to
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor, bf16: bool, batch: int = 512) -> torch.Tensor:
     model.eval()
+    dev = model_device(model)
     out = []
     for i in range(0, len(x), batch):
-        with autocast(bf16):
-            out.append(model(x[i: i + batch].contiguous(memory_format=torch.channels_last)).float())
+        with autocast(bf16, dev.type):
+            xb = x[i: i + batch].to(dev).contiguous(memory_format=torch.channels_last)
+            out.append(model(xb).float().cpu())
     return torch.cat(out)
 
 
@@ -150,6 +152,8 @@ class ExpertTeacher:
 
     def scores(self, teacher_logits: torch.Tensor, student0_logits: torch.Tensor) -> torch.Tensor:
         """(B, C) class scores for a batch, from (J, B, C) teacher and (B, C) student logits."""
+        dev = teacher_logits.device
+        teacher_logits, student0_logits = teacher_logits.cpu(), student0_logits.cpu()
         j = teacher_logits.shape[0]
         z_t = (teacher_logits[torch.arange(j), :, self.owned] - self.t_mean[:, None]) \
             / self.t_std[:, None]                                  # (J, B)
@@ -158,7 +162,7 @@ class ExpertTeacher:
             owners = (self.owned == c).nonzero().flatten()
             if len(owners):
                 scores[:, c] = z_t[owners].amax(0)
-        return scores
+        return scores.to(dev)
 
 
 def distill(
@@ -209,22 +213,25 @@ def distill(
                               weight_decay=cfg.weight_decay)
     kept_counts = torch.zeros(len(teachers))
     seen = 0
+    dev = model_device(student)
+    ac = dev.type
     for _ in tqdm(range(cfg.steps), desc="distill", disable=not progress):
         idx = torch.randint(0, len(images), (min(cfg.batch_size, len(images)),), generator=g)
         x, y = images[idx], labels[idx]
         if cfg.augment:
             x = random_crop_flip(x, generator=g)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dev).contiguous(memory_format=torch.channels_last)
+        y = y.to(dev)
         student.train(cfg.update_bn)
-        with autocast(cfg.bf16):
+        with autocast(cfg.bf16, ac):
             s_logits = student(x).float()
-        loss = torch.zeros(())
-        no_teacher = torch.ones(len(x), dtype=torch.bool)
+        loss = torch.zeros((), device=dev)
+        no_teacher = torch.ones(len(x), dtype=torch.bool, device=dev)
         if use_kd:
-            with torch.no_grad(), autocast(cfg.bf16):
+            with torch.no_grad(), autocast(cfg.bf16, ac):
                 t_logits = torch.stack([t(x).float() for t in teachers])  # (J, B, C)
             if experts is not None:
-                with torch.no_grad(), autocast(cfg.bf16):
+                with torch.no_grad(), autocast(cfg.bf16, ac):
                     s0 = initial(x).float()
                 t_logits = experts.scores(t_logits, s0).unsqueeze(0)
             mask = selection_mask(t_logits, s_logits.detach(), cfg.gamma, cfg.eta)
@@ -233,14 +240,14 @@ def distill(
             loss = loss + cfg.kd_weight * kd_loss(t_logits, s_logits, mask, cfg.temperature)
             no_teacher = ~mask.any(0)
             if experts is None:
-                kept_counts += mask.float().sum(1)
+                kept_counts += mask.float().sum(1).cpu()
             else:
-                kept_counts += mask.float().sum()  # the expert vote speaks for all teachers
+                kept_counts += mask.float().sum().cpu()  # the expert vote speaks for all teachers
         seen += len(x)
         if cfg.ce_weight > 0:
             loss = loss + cfg.ce_weight * F.cross_entropy(s_logits, y)
         if initial is not None and cfg.anchor_weight > 0 and no_teacher.any():
-            with torch.no_grad(), autocast(cfg.bf16):
+            with torch.no_grad(), autocast(cfg.bf16, ac):
                 a_logits = initial(x).float()
             loss = loss + cfg.anchor_weight * kd_loss(
                 a_logits.unsqueeze(0), s_logits, no_teacher.unsqueeze(0), cfg.temperature)

@@ -35,6 +35,7 @@ def dmm_config(variant: str, spec: BenchSpec, seed: int) -> DMMConfig:
     cfg.seed = seed
     cfg.inversion.n_images = spec.inversion_images
     cfg.inversion.iterations = spec.inversion_iters
+    cfg.inversion.compile = spec.compile
     cfg.distillation.steps = spec.distill_steps
     return cfg
 

@@ -74,11 +74,14 @@ class Group:
         self._pseudo: dict[str, object] = {}
 
     # ---- models ------------------------------------------------------------------------
-    def model(self, state: StateDict | None = None) -> torch.nn.Module:
+    def model(self, state: StateDict | None = None, *, device: str | None = None
+              ) -> torch.nn.Module:
+        """A model of the bench's architecture on `device` (default: the bench's device).
+        Merging methods get CPU templates: they are state-dict arithmetic plus small probes."""
         m = create(self.spec.arch, **self.arch_kwargs)
         if state is not None:
             m.load_state_dict(state)
-        return m.to(self.spec.device).eval()
+        return m.to(device or self.spec.device).eval()
 
     def trained(self, regime: str) -> Trained:
         if regime not in self._trained:
@@ -105,10 +108,13 @@ class Group:
             glob, clients, n = model.state_dict(), [], [len(self.data.y_train)]
         else:
             cfg = FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed, train=tc)
-            res = run_federated(lambda: create(spec.arch, **self.arch_kwargs), self.data,
+            res = run_federated(lambda: create(spec.arch, **self.arch_kwargs).to(spec.device),
+                                self.data,
                                 self.partition, cfg, progress=False)
             init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
                 res.n_samples
+        init, clients = _cpu(init), [_cpu(c) for c in clients]
+        glob = _cpu(glob) if glob is not None else None
         wall = time.perf_counter() - t0
         # write into a hidden folder, then rename: a killed run never leaves half a cache entry
         tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -139,8 +145,9 @@ class Group:
             t = self.trained("oneshot")
             t0 = time.perf_counter()
             method, params = MERGE_ROWS["cat"]
-            state = merge_states(t.clients, method, model=self.model(), weights=t.n_samples,
-                                 base=t.init, seed=self.seed, input_shape=self.input_shape,
+            state = merge_states(t.clients, method, model=self.model(device="cpu"),
+                                 weights=t.n_samples, base=t.init, seed=self.seed,
+                                 input_shape=self.input_shape,
                                  **params)
             self._cat = (state, time.perf_counter() - t0)
         return self._cat
@@ -156,8 +163,9 @@ class Group:
         elif row in MERGE_ROWS:
             method, params = MERGE_ROWS[row]
             extra = {"input_shape": self.input_shape} if method in ("pleas", "cat") else {}
-            state = merge_states(t.clients, method, model=self.model(), weights=t.n_samples,
-                                 base=t.init, seed=self.seed, pixel_range=self.data.pixel_range,
+            state = merge_states(t.clients, method, model=self.model(device="cpu"),
+                                 weights=t.n_samples, base=t.init, seed=self.seed,
+                                 pixel_range=self.data.pixel_range,
                                  **extra, **params)
             out = self.model(state)
         elif row in DMM_ROWS:
@@ -208,6 +216,10 @@ class Group:
         return model, rep
 
 
+def _cpu(state: StateDict) -> StateDict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def evaluate_output(out, data: ImageDataset) -> EvalResult:
     if isinstance(out, torch.Tensor):
         return eval_from_logits(out, data.y_test, data.num_classes)
@@ -222,7 +234,8 @@ def load_bench_data(spec: BenchSpec) -> ImageDataset:
 
 
 def run_bench(spec: BenchSpec, out_dir: str | Path, cache_dir: str | Path, *,
-              progress: bool = True, report: Callable[[str], None] = print) -> ResultStore:
+              data: ImageDataset | None = None, progress: bool = True,
+              report: Callable[[str], None] = print) -> ResultStore:
     """Run every cell of `spec` that `out_dir/cells.jsonl` does not hold yet."""
     spec.validate()
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
@@ -236,14 +249,18 @@ def run_bench(spec: BenchSpec, out_dir: str | Path, cache_dir: str | Path, *,
            f"{store.path}, {len(todo)} to run")
     if not todo:
         return store
-    data = load_bench_data(spec)
+    data = data if data is not None else load_bench_data(spec)
     run_id = uuid.uuid4().hex[:12]
     prov = provenance()
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells",
                disable=not progress, unit="cell")
     def group_of(ck):
         return (ck[0].alpha, ck[0].k, ck[0].seed)
-    for (alpha, k, seed), items in groupby(sorted(todo, key=group_of), key=group_of):
+
+    def order(ck):  # main grid first, seed by seed: an interrupted run still covers all alphas
+        c = ck[0]
+        return (c.k != spec.clients, c.seed, -c.alpha, c.k)
+    for (alpha, k, seed), items in groupby(sorted(todo, key=order), key=group_of):
         group = Group(spec, data, alpha, k, seed, cache_dir / spec.dataset,
                       out_dir / "grids")
         for cell, key in items:

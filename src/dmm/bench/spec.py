@@ -64,6 +64,7 @@ class BenchSpec:
     inversion_iters: int = 150
     distill_steps: int = 200
     dense_budget_scale: float = 1.0
+    compile: bool = True                 # torch.compile the inversion (3.6x faster steps)
     device: str = "cpu"
 
     def to_dict(self) -> dict:

@@ -30,7 +30,7 @@ class ResultStore:
         except (OSError, UnicodeDecodeError) as e:
             raise DMMError(f"cannot read bench results {self.path}: {e}") from e
         good: list[str] = []
-        for n, line in enumerate(text.splitlines(keepends=True), 1):
+        for line in text.splitlines(keepends=True):
             try:
                 rec = json.loads(line)
                 if not line.endswith("\n") or "key" not in rec:

@@ -15,7 +15,7 @@ from torch import nn
 
 from dmm.data.augment import random_crop_flip
 from dmm.errors import DMMError
-from dmm.evaluate import autocast
+from dmm.evaluate import autocast, model_device
 from dmm.statedict import StateDict
 
 
@@ -92,15 +92,16 @@ def train_local(
     if cfg.prox_mu > 0 and global_params is not None:
         prox = [(p, global_params[name]) for name, p in model.named_parameters()]
     total, steps = 0.0, 0
+    dev = model_device(model)
     for idx in batch_schedule(len(x), cfg, generator):
         xb = x[idx]
         if cfg.augment:
             xb = random_crop_flip(xb, generator=generator)
-        xb = normalize(xb)
+        xb = normalize(xb).to(dev)
         if cfg.bf16:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg.bf16):
-            loss = F.cross_entropy(model(xb), y[idx])
+        with autocast(cfg.bf16, dev.type):
+            loss = F.cross_entropy(model(xb), y[idx].to(dev))
         loss = loss.float()
         if prox:
             loss = loss + 0.5 * cfg.prox_mu * sum(((p - g) ** 2).sum() for p, g in prox)

@@ -79,4 +79,4 @@ class BNStatLoss:
         vals = [self.losses[n] for n in self.layers if n in self.losses]
         if not vals:
             raise RuntimeError("no BN statistics recorded: run a forward pass inside the block")
-        return first_multiplier * vals[0] + sum(vals[1:], torch.zeros(()))
+        return first_multiplier * vals[0] + sum(vals[1:], torch.zeros((), device=vals[0].device))

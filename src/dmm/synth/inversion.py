@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmm.errors import DMMError
-from dmm.evaluate import autocast
+from dmm.evaluate import autocast, model_device
 from dmm.synth.hooks import BNStatLoss, Stats, running_stats
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,9 @@ def invert_batch(
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    x = torch.randn(shape, generator=generator).requires_grad_(True)
+    dev = model_device(model)
+    labels = labels.to(dev) if labels is not None else None
+    x = torch.randn(shape, generator=generator).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.lr * 0.05)
     info: dict = {}
@@ -151,11 +153,11 @@ def invert_batch(
                     xj = torch.roll(xj, shifts=(dy, dx), dims=(2, 3))
                 if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
                     xj = xj.flip(3)
-                with autocast(cfg.bf16):
+                with autocast(cfg.bf16, dev.type):
                     logits = model(xj.contiguous(memory_format=torch.channels_last))
                 bn_loss = bn.total(cfg.first_bn_multiplier)
                 loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
-                ce = torch.zeros(())
+                ce = torch.zeros((), device=dev)
                 if labels is not None and cfg.ce_weight > 0:
                     ce = F.cross_entropy(logits.float(), labels)
                     loss = loss + cfg.ce_weight * ce
@@ -176,7 +178,7 @@ def invert_batch(
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
-    return x.detach(), info
+    return x.detach().cpu(), info
 
 
 @torch.no_grad()
@@ -253,8 +255,9 @@ def synthesize(
                 x, info = invert_batch(model, target, (b, *input_shape), cfg, generator=g,
                                        pixel_range=pixel_range)
             if not use_ce:
-                with torch.no_grad(), autocast(cfg.bf16):
-                    y = model.eval()(x).float().argmax(1)
+                dev = model_device(model)
+                with torch.no_grad(), autocast(cfg.bf16, dev.type):
+                    y = model.eval()(x.to(dev)).float().argmax(1).cpu()
             images.append(x)
             labels.append(y)
             sources.append(torch.full((b,), source, dtype=torch.long))

@@ -1,0 +1,186 @@
+"""`dmm bench`: cache keys, the durable cell store, resume after SIGKILL, the table renderer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import expect_cli_error, make_dataset, run_cli
+from dmm.bench import BenchSpec, Cell, ResultStore, render_csv, render_markdown
+from dmm.bench.report import mean_std, update_readme
+from dmm.errors import DMMError
+
+TINY = ["--dataset", "npz", "--alphas", "0.5", "--seeds", "0", "--set", "arch=\"resnet8\"",
+        "--set", "clients=3", "--set", "local_iters=2", "--set", "batch_size=16", "--rounds", "1",
+        "--set", "inversion_images=8", "--set", "inversion_iters=2", "--set", "distill_steps=2",
+        "--set", "compile=false", "--set", "dense_budget_scale=0.01"]
+
+
+def write_npz(path: Path) -> Path:
+    d = make_dataset(n_train=120, n_test=40, classes=4, size=16)
+    np.savez(path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
+             x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
+    return path
+
+
+# ---- cache keys -------------------------------------------------------------------------------
+
+def test_cell_key_changes_with_every_setting_that_affects_the_cell():
+    spec = BenchSpec()
+    dmm_cell = Cell(0.1, 10, 0, "fedavg+dmm")
+    base = spec.cell_key(dmm_cell)
+    changes = {"dataset": "cifar10", "n_train": 1000, "n_test": 500, "arch": "resnet8",
+               "width": 0.5, "rounds": 11, "local_iters": 3, "batch_size": 64, "lr": 0.1,
+               "min_size": 5, "inversion_images": 128, "inversion_iters": 10,
+               "distill_steps": 7, "compile": False}
+    for name, value in changes.items():
+        assert replace(spec, **{name: value}).cell_key(dmm_cell) != base, name
+    for other in (Cell(0.5, 10, 0, "fedavg+dmm"), Cell(0.1, 5, 0, "fedavg+dmm"),
+                  Cell(0.1, 10, 1, "fedavg+dmm"), Cell(0.1, 10, 0, "fedavg+buffer")):
+        assert spec.cell_key(other) != base, other
+    # FedProx's mu reaches FedProx cells only; DENSE's budget reaches DENSE only
+    prox = Cell(0.1, 10, 0, "fedprox")
+    assert replace(spec, mu=0.1).cell_key(prox) != spec.cell_key(prox)
+    assert replace(spec, mu=0.1).cell_key(dmm_cell) == base
+    dense = Cell(0.1, 10, 0, "dense")
+    assert replace(spec, dense_budget_scale=2.0).cell_key(dense) != spec.cell_key(dense)
+    assert replace(spec, dense_budget_scale=2.0).cell_key(dmm_cell) == base
+
+
+def test_cell_key_ignores_the_rest_of_the_grid():
+    spec = BenchSpec()
+    cell = Cell(0.1, 10, 0, "cat+dmm")
+    other = replace(spec, alphas=[0.1], seeds=[0, 5], rows=["cat+dmm"], k_values=[5, 20])
+    assert other.cell_key(cell) == spec.cell_key(cell)
+    # the oracle does not depend on the split
+    central = Cell(0.1, 10, 0, "central")
+    assert spec.cell_key(central) != spec.cell_key(Cell(0.1, 10, 1, "central"))
+    assert spec.train_settings("central", 0.1, 10, 0) == spec.train_settings("central", 0.5, 5, 0)
+
+
+def test_grid_has_the_k_ablation_and_rejects_unknown_rows():
+    spec = BenchSpec(alphas=[0.1], seeds=[0], rows=["fedavg"], k_values=[5, 10],
+                     k_alphas=[0.01])
+    cells = spec.cells()
+    assert Cell(0.1, 10, 0, "fedavg") in cells and Cell(0.01, 5, 0, "fedavg+dmm") in cells
+    assert not any(c.k == 10 and c.alpha == 0.01 for c in cells)  # K = clients is the main grid
+    with pytest.raises(DMMError, match="unknown bench row"):
+        BenchSpec(rows=["fedavg", "nope"]).validate()
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+def test_store_drops_a_torn_last_line_and_appends_cleanly(tmp_path):
+    path = tmp_path / "cells.jsonl"
+    s = ResultStore(path)
+    s.append({"key": "a", "accuracy": 0.5})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "accur')  # a run killed mid-write
+    s2 = ResultStore(path)
+    assert s2.dropped == 1 and "a" in s2 and "b" not in s2
+    s2.append({"key": "c", "accuracy": 0.25})
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["key"] for x in lines] == ["a", "c"]
+
+
+# ---- the renderer -----------------------------------------------------------------------------
+
+def _rec(row, alpha, seed, acc, k=10, rare=None):
+    return {"key": f"{row}{alpha}{seed}{k}", "dataset": "fmnist", "row": row, "alpha": alpha,
+            "k": k, "seed": seed, "accuracy": acc, "rare_class_accuracy": rare,
+            "train_s": 10.0, "row_s": 2.0}
+
+
+def test_table_mean_and_sample_std_from_known_rows():
+    recs = [_rec("fedavg", 0.1, s, a) for s, a in enumerate([0.1, 0.2, 0.3])]
+    recs += [_rec("fedavg+dmm", 0.1, s, a, rare=r)
+             for s, (a, r) in enumerate([(0.5, 0.25), (0.7, 0.75)])]
+    recs += [_rec("fedavg", 0.01, 0, 0.125)]
+    md = render_markdown(recs, BenchSpec())
+    assert "| FedAvg | 20.00 ± 10.00 | 12.50 |" in md     # alphas descending: 0.1 then 0.01
+    assert "| FedAvg + DMM | 60.00 ± 14.14 | – |" in md
+    assert "| FedAvg + DMM | 50.00 ± 35.36 | – |" in md   # rare-class table
+    assert mean_std([1.0]) == (1.0, 0.0)
+    csv = render_csv(recs).splitlines()
+    assert csv[0].startswith("dataset,alpha,k,seed,row") and len(csv) == 1 + len(recs)
+
+
+def test_readme_section_is_replaced_only_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- dmm-bench:x -->\nold\n<!-- /dmm-bench:x -->\nbottom\n")
+    update_readme(readme, "x", "| new |\n")
+    assert readme.read_text() == "top\n<!-- dmm-bench:x -->\n| new |\n<!-- /dmm-bench:x -->" \
+                                 "\nbottom\n"
+    with pytest.raises(DMMError, match="no section"):
+        update_readme(readme, "y", "z")
+
+
+# ---- end to end: a run killed mid-grid resumes --------------------------------------------------
+
+def test_bench_killed_mid_grid_resumes_without_recomputing(tmp_path):
+    data = write_npz(tmp_path / "tiny.npz")
+    out, cache = tmp_path / "res", tmp_path / "cache"
+    args = ["bench", *TINY, "--data-root", data, "--out", out, "--cache-dir", cache,
+            "--rows", "fedavg", "fedavg+buffer", "fedavg+dmm", "ensemble", "central", "dense",
+            "rebasin"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "dmm.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cells = out / "cells.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if cells.exists() and len(cells.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(x) for x in cells.read_text().splitlines() if x.endswith("}")]
+    assert 2 <= len(before) < 7
+    assert not list(out.glob("table.md"))  # outputs appear only at the end
+
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(before)} already done" in r.stdout
+    after = [json.loads(x) for x in cells.read_text().splitlines()]
+    assert len(after) == 7 and len({x["key"] for x in after}) == 7
+    for old in before:  # finished cells kept as they were, not recomputed
+        new = next(x for x in after if x["key"] == old["key"])
+        assert new["run_id"] == old["run_id"] and new["accuracy"] == old["accuracy"]
+    assert len({x["run_id"] for x in after}) == 2
+    # the trained client models were cached once per regime and reused
+    assert sorted(p.name.split("_")[0] for p in (cache / "npz").iterdir()) == \
+        ["central", "fedavg", "oneshot"]
+    assert "| FedAvg + DMM |" in (out / "table.md").read_text()
+    assert (out / "results.csv").read_text().count("\n") == 8
+
+    r = run_cli(*args, cwd=tmp_path)  # a third run has nothing to do
+    assert r.returncode == 0 and "0 to run" in r.stdout
+    r = run_cli("bench", *TINY, "--data-root", data, "--out", out, "--render-only",
+                "--rows", "fedavg", "fedavg+dmm", cwd=tmp_path)
+    assert r.returncode == 0 and "| FedAvg |" in r.stdout
+
+
+def test_bench_bad_input_is_one_line_and_no_output(tmp_path):
+    out = tmp_path / "res"
+    expect_cli_error(run_cli("bench", "--rows", "fedavg", "bogus", "--out", out, cwd=tmp_path),
+                     "unknown bench row", out)
+    expect_cli_error(run_cli("bench", "--preset", "huge", "--out", out, cwd=tmp_path),
+                     "unknown bench preset", out)
+    expect_cli_error(run_cli("bench", "--dataset", "cifar10", "--data-root", tmp_path / "none",
+                             "--out", out, "--cache-dir", tmp_path / "c", cwd=tmp_path),
+                     "does not exist", out)
+    assert not (tmp_path / "c").exists()
+    expect_cli_error(run_cli("bench", "--set", "nonsense=1", "--out", out, cwd=tmp_path),
+                     "--set", out)
+    expect_cli_error(run_cli("bench", "--render-only", "--out", out, cwd=tmp_path),
+                     "no results", out)
