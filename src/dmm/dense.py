@@ -10,17 +10,30 @@ Zhang et al., "DENSE: Data-Free One-Shot Federated Learning", NeurIPS 2022
 2. *model distillation*: the global student learns the ensemble's softened outputs (KL at
    temperature T) on all images generated so far.
 
-Deviations, stated:
+Deviations from the paper and its reference code (zj-jayzhang/DENSE, read, not copied), stated:
 - **Budget.** The bench gives DENSE the same synthesis compute as DMM's inversion: DMM runs
   `n_images x iterations` image passes through one network; a DENSE generator step on a batch of B
   images runs K + 1 networks (K clients and the student), so DENSE gets
-  `n_images x iterations / (B x (K + 1))` generator steps. `budget_scale` multiplies it.
-- The generator is DCGAN-like (the one DENSE's code uses for 32x32 inputs, scaled to our channel
-  count); its output is squashed into the data set's normalized pixel range.
-- The student is trained from scratch (as in DENSE); one student step follows every generator
-  step, on a batch drawn from the bank of generated images with their ensemble logits stored, so
-  the teachers are not run twice.
-- Loss weights: `bn_weight` 1, `adv_weight` 1, CE 1 (DENSE's tuned values differ per data set).
+  `n_images x iterations / (B x (K + 1))` generator steps. `budget_scale` multiplies it. The
+  reference runs 10-200 epochs of 20-30 generator steps on batches of 256.
+- **One persistent, class-conditional generator** (z times a class embedding) trained
+  throughout, instead of the reference's generator re-initialized every round with unconditional
+  z and random target labels; its DCGAN-like body is the reference's (Linear, BN, 2x (upsample,
+  conv 3x3, BN, LeakyReLU 0.2), conv 3x3, sigmoid) with nz 100, ngf 64, and the sigmoid output
+  is mapped onto the data set's normalized pixel range.
+- **Adversarial term** -KL(ensemble || student) on every generated image at the distillation
+  temperature; the reference masks it to the images where the student's argmax differs from the
+  ensemble's and uses T = 1.
+- **BN term** averaged over the clients' BatchNorm layers (DeepInversion hooks on every client).
+  In the reference the hooks do not reach the teachers (kept in a plain list) and its CIFAR CNN
+  has no BN, so the term is effectively off there; the DENSE paper describes it.
+- **Student steps**: one SGD step (lr 0.01, momentum 0.9; the reference's default lr) per
+  generator step, on twice the generator batch drawn from a bank of the last `bank_size`
+  generated images with their ensemble logits stored; the reference runs one pass over its whole
+  growing image pool per round, with crop and flip. KD at T = 4 (reference default 1, its README
+  example 20). The ensemble is the mean of the client logits, as in the reference.
+- The student is trained from scratch, as in the reference.
+- Loss weights CE 1, BN 1, adversarial 1 (the reference README's example; its defaults are 0).
 """
 
 from __future__ import annotations
