@@ -222,7 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     meta = {"arch": args.arch, "arch_kwargs": arch_kwargs, "classes": data.classes,
             "dataset": args.dataset, "input_mean": list(data.mean), "input_std": list(data.std),
-            "input_size": list(data.x_train.shape[1:])}
+            "input_size": list(data.input_shape)}
     checkpoint.save(out / "init.safetensors", res.init_state, **meta, n_samples=0)
     for k, state in enumerate(res.client_states):
         checkpoint.save(out / f"client_{k:03d}.safetensors", state, **meta,

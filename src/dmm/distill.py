@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmm import inputs as I
 from dmm.data.augment import random_crop_flip
 from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
@@ -127,14 +128,14 @@ def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: to
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, bf16: bool, batch: int = 512) -> torch.Tensor:
+def _logits(model: nn.Module, x: I.Inputs, bf16: bool, batch: int = 512) -> torch.Tensor:
     model.eval()
     dev = model_device(model)
     out = []
-    for i in range(0, len(x), batch):
+    for i in range(0, I.count(x), batch):
         with autocast(bf16, dev.type):
-            xb = x[i: i + batch].to(dev).contiguous(memory_format=torch.channels_last)
-            out.append(model(xb).float().cpu())
+            xb = I.channels_last(I.to(I.take(x, slice(i, i + batch)), dev))
+            out.append(model(*I.args(xb)).float().cpu())
     return torch.cat(out)
 
 
@@ -168,7 +169,7 @@ class ExpertTeacher:
 def distill(
     student: nn.Module,
     teachers: list[nn.Module],
-    images: torch.Tensor,
+    images: I.Inputs,
     labels: torch.Tensor,
     cfg: DistillConfig,
     *,
@@ -177,12 +178,13 @@ def distill(
 ) -> tuple[nn.Module, DistillReport]:
     """Refine `student` in place on pseudo-data (images, target labels); returns it and a report.
 
-    With no teachers (or kd_weight 0) only the CE and anchor terms act.
+    With no teachers (or kd_weight 0) only the CE and anchor terms act. `images` may be a
+    tuple (images, side inputs...) for multi-input models (`dmm.inputs`).
     """
     cfg.validate()
     g = torch.Generator().manual_seed(seed)
     report = DistillReport(kept_fraction=[0.0] * len(teachers))
-    if cfg.steps == 0 or len(images) == 0:
+    if cfg.steps == 0 or I.count(images) == 0:
         return student, report
     t0 = time.perf_counter()
     use_kd = bool(teachers) and cfg.kd_weight > 0
@@ -216,23 +218,25 @@ def distill(
     dev = model_device(student)
     ac = dev.type
     for _ in tqdm(range(cfg.steps), desc="distill", disable=not progress):
-        idx = torch.randint(0, len(images), (min(cfg.batch_size, len(images)),), generator=g)
-        x, y = images[idx], labels[idx]
+        n = I.count(images)
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
+        x, y = I.take(images, idx), labels[idx]
         if cfg.augment:
-            x = random_crop_flip(x, generator=g)
-        x = x.to(dev).contiguous(memory_format=torch.channels_last)
+            x = I.map_image(x, lambda t: random_crop_flip(t, generator=g))
+        x = I.channels_last(I.to(x, dev))
+        xa = I.args(x)
         y = y.to(dev)
         student.train(cfg.update_bn)
         with autocast(cfg.bf16, ac):
-            s_logits = student(x).float()
+            s_logits = student(*xa).float()
         loss = torch.zeros((), device=dev)
-        no_teacher = torch.ones(len(x), dtype=torch.bool, device=dev)
+        no_teacher = torch.ones(len(y), dtype=torch.bool, device=dev)
         if use_kd:
             with torch.no_grad(), autocast(cfg.bf16, ac):
-                t_logits = torch.stack([t(x).float() for t in teachers])  # (J, B, C)
+                t_logits = torch.stack([t(*xa).float() for t in teachers])  # (J, B, C)
             if experts is not None:
                 with torch.no_grad(), autocast(cfg.bf16, ac):
-                    s0 = initial(x).float()
+                    s0 = initial(*xa).float()
                 t_logits = experts.scores(t_logits, s0).unsqueeze(0)
             mask = selection_mask(t_logits, s_logits.detach(), cfg.gamma, cfg.eta)
             if cfg.teacher_signal == "agree":
@@ -243,12 +247,12 @@ def distill(
                 kept_counts += mask.float().sum(1).cpu()
             else:
                 kept_counts += mask.float().sum().cpu()  # the expert vote speaks for all teachers
-        seen += len(x)
+        seen += len(y)
         if cfg.ce_weight > 0:
             loss = loss + cfg.ce_weight * F.cross_entropy(s_logits, y)
         if initial is not None and cfg.anchor_weight > 0 and no_teacher.any():
             with torch.no_grad(), autocast(cfg.bf16, ac):
-                a_logits = initial(x).float()
+                a_logits = initial(*xa).float()
             loss = loss + cfg.anchor_weight * kd_loss(
                 a_logits.unsqueeze(0), s_logits, no_teacher.unsqueeze(0), cfg.temperature)
         opt.zero_grad(set_to_none=True)

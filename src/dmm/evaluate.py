@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmm import inputs as I
+
 
 @dataclass
 class EvalResult:
@@ -43,7 +45,7 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
-    x: torch.Tensor,
+    x: I.Inputs,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,
     batch_size: int = 1000,
@@ -55,11 +57,11 @@ def predict_logits(
     dev = model_device(model)
     out = []
     try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i: i + batch_size]
-            xb = (normalize(xb) if normalize is not None else xb).to(dev)
+        for i in range(0, I.count(x), batch_size):
+            xb = I.take(x, slice(i, i + batch_size))
+            xb = I.to(I.map_image(xb, normalize) if normalize is not None else xb, dev)
             with autocast(bf16, dev.type):
-                out.append(model(xb.contiguous(memory_format=torch.channels_last)).float())
+                out.append(model(*I.args(I.channels_last(xb))).float())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -67,7 +69,7 @@ def predict_logits(
 
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
+    x: I.Inputs,
     y: torch.Tensor,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,

@@ -177,7 +177,10 @@ def refine(
     if cfg.inversion_augmentation or (cfg.distill and selected):
         t1 = time.perf_counter()
         if pseudo is None:
-            pseudo = synthesize(model, teacher_mods, cfg.inversion, num_classes=num_classes,
+            synth = synthesize
+            if getattr(model, "text_dim", None):  # image + text: pseudo-pairs (dmm.multimodal)
+                from dmm.multimodal.synth import synthesize_pairs as synth
+            pseudo = synth(model, teacher_mods, cfg.inversion, num_classes=num_classes,
                                 input_shape=shape, seed=cfg.seed, pixel_range=pixel_range,
                                 progress=progress)
         timings["inversion_s"] = pseudo.info.get("seconds", time.perf_counter() - t1)

@@ -68,7 +68,7 @@ class Group:
             data.y_train.numpy(), k, alpha, seed=seed, min_size=spec.min_size,
             num_classes=data.num_classes)
         self.rare = rare_classes(self.partition.counts)
-        self.input_shape = tuple(data.x_train.shape[1:])
+        self.input_shape = data.input_shape
         self._trained: dict[str, Trained] = {}
         self._cat: tuple[StateDict, float] | None = None
         self._pseudo: dict[str, object] = {}

@@ -38,6 +38,12 @@ ROWS: dict[str, tuple[str, str]] = {
 }
 # ablation over the number of clients K: these rows, at the spec's `k_alphas`
 K_ROWS = ["fedavg", "fedavg+buffer", "fedavg+dmm"]
+# image + text data sets (ImageTextNet): the rows that apply. Git Re-Basin needs a permutation
+# spec of the model, PLeaS and CAT hook single-input conv/linear layers, DENSE generates images
+# only; none of them has an image + text form here.
+PAIR_DATASETS = ("emoji-mm", "crisismmd")
+MM_ROWS = ["fedavg", "fedprox", "fedbn", "fedavg+dmm", "ensemble", "central", "fedavg+buffer",
+           "fedavg+dmm_paper"]
 
 
 @dataclass
@@ -83,6 +89,11 @@ class BenchSpec:
         if bad:
             raise DMMError(f"unknown bench row(s) {', '.join(bad)}; choose from "
                            f"{', '.join(ROWS)}")
+        if self.arch == "image_text":
+            bad = [r for r in self.rows if r not in MM_ROWS]
+            if bad:
+                raise DMMError(f"row(s) {', '.join(bad)} do not apply to image + text models; "
+                               f"these do: {', '.join(MM_ROWS)}")
         if not self.alphas or any(not a > 0 for a in self.alphas):
             raise DMMError(f"alphas must be > 0, got {self.alphas}")
         if not self.seeds:
@@ -154,4 +165,12 @@ PRESETS: dict[str, BenchSpec] = {
 def get_preset(name: str, **overrides) -> BenchSpec:
     if name not in PRESETS:
         raise DMMError(f"unknown bench preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    spec = replace(PRESETS[name], **overrides)
+    if spec.dataset in PAIR_DATASETS:  # image + text: the model and the rows that apply
+        if "arch" not in overrides:
+            spec.arch = "image_text"
+        if "rows" not in overrides:
+            spec.rows = [r for r in spec.rows if r in MM_ROWS]
+        if "k_values" not in overrides:
+            spec.k_values = []
+    return spec

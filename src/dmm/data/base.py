@@ -39,6 +39,11 @@ class ImageDataset:
         return (x.float().div_(255.0) - mean) / std
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
     def pixel_range(self) -> tuple[float, float]:
         return pixel_range(self.mean, self.std)
 
@@ -98,3 +103,4 @@ def load_dataset(name: str, root: str | Path | None = None) -> ImageDataset:
 def _ensure_builtin() -> None:
     # Importing registers; done lazily so `dmm.data.base` has no import cycle.
     from dmm.data import cifar, fmnist, npz  # noqa: F401
+    from dmm.multimodal import data  # noqa: F401  (emoji-mm, crisismmd)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmm import inputs as I
 from dmm.data.augment import random_crop_flip
 from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
@@ -71,7 +72,7 @@ def batch_schedule(n: int, cfg: TrainConfig, generator: torch.Generator) -> list
 
 def train_local(
     model: nn.Module,
-    x: torch.Tensor,
+    x: I.Inputs,
     y: torch.Tensor,
     normalize: Callable[[torch.Tensor], torch.Tensor],
     cfg: TrainConfig,
@@ -80,6 +81,8 @@ def train_local(
     global_params: StateDict | None = None,
 ) -> dict:
     """Train `model` in place on (x uint8, y); returns {'loss': mean loss, 'steps': n}.
+
+    `x` may be a tuple (images, side inputs...): only the images are augmented and normalized.
 
     `global_params` (name -> tensor) enables the FedProx term mu/2 ||w - w_global||^2.
     """
@@ -93,15 +96,15 @@ def train_local(
         prox = [(p, global_params[name]) for name, p in model.named_parameters()]
     total, steps = 0.0, 0
     dev = model_device(model)
-    for idx in batch_schedule(len(x), cfg, generator):
-        xb = x[idx]
+    for idx in batch_schedule(I.count(x), cfg, generator):
+        xb = I.take(x, idx)
         if cfg.augment:
-            xb = random_crop_flip(xb, generator=generator)
-        xb = normalize(xb).to(dev)
+            xb = I.map_image(xb, lambda t: random_crop_flip(t, generator=generator))
+        xb = I.to(I.map_image(xb, normalize), dev)
         if cfg.bf16:
-            xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = I.channels_last(xb)
         with autocast(cfg.bf16, dev.type):
-            loss = F.cross_entropy(model(xb), y[idx].to(dev))
+            loss = F.cross_entropy(model(*I.args(xb)), y[idx].to(dev))
         loss = loss.float()
         if prox:
             loss = loss + 0.5 * cfg.prox_mu * sum(((p - g) ** 2).sum() for p, g in prox)

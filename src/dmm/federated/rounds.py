@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmm import inputs as I
 from dmm.data.base import ImageDataset
 from dmm.data.partition import Partition
 from dmm.errors import DMMError
@@ -95,7 +96,7 @@ def run_federated(
     init = state_of(model)
     k_clients = len(partition.indices)
     n_samples = partition.sizes
-    client_x = [data.x_train[torch.as_tensor(i)] for i in partition.indices]
+    client_x = [I.take(data.x_train, torch.as_tensor(i)) for i in partition.indices]
     client_y = [data.y_train[torch.as_tensor(i)] for i in partition.indices]
     history: list[dict] = []
 

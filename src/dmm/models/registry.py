@@ -55,3 +55,4 @@ def create(arch: str, **kwargs) -> nn.Module:
 
 def _ensure_builtin() -> None:
     from dmm.models import resnet  # noqa: F401
+    from dmm.multimodal import model  # noqa: F401

@@ -12,7 +12,11 @@ from dmm.io import save_with
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, *,
               mean: tuple[float, ...], std: tuple[float, ...], per_class: int = 8,
               class_names: list[str] | None = None) -> Path:
-    """Denormalize and write up to `per_class` images for every class as a PNG grid."""
+    """Denormalize and write up to `per_class` images for every class as a PNG grid.
+
+    `images` may be a tuple (images, side inputs...) of pseudo-pairs; the images are drawn."""
+    if isinstance(images, tuple):
+        images = images[0]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -96,9 +96,13 @@ def probe_classifier(model: nn.Module, input_shape: tuple[int, ...] | None = Non
         input_shape = (conv.in_channels, 32, 32)
     was = model.training
     model.eval()
+    dev = model_device(model)
+    probe = [torch.zeros(2, *input_shape, device=dev)]
+    if getattr(model, "text_dim", None):  # image + text models take (image, text features)
+        probe.append(torch.zeros(2, model.text_dim, device=dev))
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
+            out = model(*probe)
     finally:
         model.train(was)
     return tuple(input_shape), int(out.shape[1])

@@ -1,0 +1,1 @@
+"""Image + text models for DMM: ImageTextNet, pseudo-pair inversion, paired data sets."""
