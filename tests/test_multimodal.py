@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_dataset
 
+from conftest import make_dataset
 from dmm.bn import aggregate_bn_buffers
 from dmm.data import dirichlet_partition
 from dmm.evaluate import evaluate
