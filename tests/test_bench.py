@@ -56,6 +56,17 @@ def test_cell_key_changes_with_every_setting_that_affects_the_cell():
     assert replace(spec, dense_budget_scale=2.0).cell_key(dmm_cell) == base
 
 
+def test_oracle_cells_differ_per_split_but_share_the_model():
+    spec = BenchSpec()
+    keys = {spec.cell_key(Cell(a, 10, 0, "central")) for a in (0.5, 0.1, 0.01)}
+    assert len(keys) == 3   # rare classes come from the split, so the records differ
+    # data root and device enter the keys only when set (default cells keep theirs)
+    cell = Cell(0.1, 10, 0, "fedavg")
+    assert replace(spec, data_root="/data/a.npz").cell_key(cell) != spec.cell_key(cell)
+    assert replace(spec, device="cuda").cell_key(cell) != spec.cell_key(cell)
+    assert len(BenchSpec(alphas=[0.1, 0.1], seeds=[0, 0], rows=["fedavg"]).cells()) == 1
+
+
 def test_cell_key_ignores_the_rest_of_the_grid():
     spec = BenchSpec()
     cell = Cell(0.1, 10, 0, "cat+dmm")
@@ -184,3 +195,18 @@ def test_bench_bad_input_is_one_line_and_no_output(tmp_path):
                      "--set", out)
     expect_cli_error(run_cli("bench", "--render-only", "--out", out, cwd=tmp_path),
                      "no results", out)
+    for bad, needle in ((["--set", "alphas=0.5"], "alphas must be a list"),
+                        (["--set", "clients=2.5"], "clients must be integer"),
+                        (["--set", "device=null"], "device must be string"),
+                        (["--rows"], "expected at least one"),
+                        (["--readme", tmp_path / "nope.md"], "cannot read")):
+        r = run_cli("bench", *bad, "--out", out, "--cache-dir", tmp_path / "c", cwd=tmp_path)
+        if needle == "expected at least one":  # argparse's own usage error
+            assert r.returncode == 2 and needle in r.stderr
+            continue
+        expect_cli_error(r, needle, out)
+    data = write_npz(tmp_path / "tiny.npz")   # 120 samples cannot give 3 x 50
+    expect_cli_error(run_cli("bench", *TINY, "--data-root", data, "--set", "min_size=50",
+                             "--out", out, "--cache-dir", tmp_path / "c", cwd=tmp_path),
+                     "need 150 samples", out)
+    assert not (tmp_path / "c").exists()

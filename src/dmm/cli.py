@@ -457,7 +457,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from dmm.bench import BenchSpec, ResultStore, get_preset, run_bench, write_outputs
-    from dmm.bench.report import render_markdown, update_readme
+    from dmm.bench.report import check_readme, render_markdown, update_readme
     from dmm.io import ensure_writable_dir, write_json
 
     overrides: dict = {}
@@ -475,13 +475,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = get_preset(args.preset, **overrides)
     spec.validate()
     out = Path(args.out or f"benchmarks/results/{spec.dataset}-{args.preset}")
+    section = f"{spec.dataset}-{args.preset}"
+    if args.readme:  # a bad README path fails now, not after hours of work
+        check_readme(Path(args.readme), section)
     if args.render_only:
         store = ResultStore(out / "cells.jsonl")
         if not len(store):
             raise DMMError(f"{out / 'cells.jsonl'}: no results to render")
     else:
-        from dmm.bench.runner import load_bench_data
+        from dmm.bench.runner import load_bench_data, preflight
         data = load_bench_data(spec)  # a missing or malformed data set fails before any output
+        preflight(spec, data)         # so does a split that cannot be drawn
         ensure_writable_dir(out)
         ensure_writable_dir(args.cache_dir)
         write_json(out / "spec.json", {"preset": args.preset, "spec": spec.to_dict()})
@@ -496,7 +500,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = render_markdown(records, spec)
     print("\n" + table)
     if args.readme:
-        update_readme(Path(args.readme), f"{spec.dataset}-{args.preset}", table)
+        update_readme(Path(args.readme), section, table)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -61,7 +61,7 @@ def predict_logits(
             xb = I.take(x, slice(i, i + batch_size))
             xb = I.to(I.map_image(xb, normalize) if normalize is not None else xb, dev)
             with autocast(bf16, dev.type):
-                out.append(model(*I.args(I.channels_last(xb))).float())
+                out.append(model(*I.args(I.channels_last(xb))).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

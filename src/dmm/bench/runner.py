@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -29,6 +30,7 @@ from dmm.bench.spec import ROWS, BenchSpec, Cell, digest
 from dmm.bench.store import ResultStore
 from dmm.data import dirichlet_partition, load_dataset
 from dmm.data.base import ImageDataset
+from dmm.errors import DMMError
 from dmm.evaluate import EvalResult, eval_from_logits, evaluate, predict_logits, rare_classes
 from dmm.federated import FederatedConfig, TrainConfig, run_federated
 from dmm.federated.client import train_local
@@ -157,6 +159,8 @@ class Group:
         regime = ROWS[row][1]
         t = self.trained(regime)
         info: dict = {"train_s": t.wall_time}
+        if row in DMM_ROWS and DMM_ROWS[row][0] == "cat":
+            self.cat_merged()  # shared by the cat+ rows; its time is added to each below
         t0 = time.perf_counter()
         if row in ("fedavg", "fedprox", "fedbn", "central"):
             out = self.model(t.global_state)
@@ -178,8 +182,9 @@ class Group:
             out, rep = self._refine(student_name, state, t, variant)
             info.update(refine_s=rep.timings["total_s"], divergence=rep.divergence,
                         teachers=rep.teachers, inversion=rep.inversion)
-            t0 -= merge_s  # the row's time includes the merge it refines
-            info["row_s_includes_shared"] = True
+            # as if the row ran alone: its merge, plus the refinement with its synthesis even
+            # when the pseudo-data were shared (refine's total_s counts reused synthesis)
+            info["row_s"] = merge_s + info["refine_s"]
         elif row == "ensemble":
             logits = [predict_logits(self.model(s), self.data.x_test, self.data.normalize)
                       for s in t.clients]
@@ -195,7 +200,7 @@ class Group:
             info["dense"] = {k: rep[k] for k in ("steps", "seconds")}
         else:  # pragma: no cover - spec.validate() rejects unknown rows
             raise KeyError(row)
-        info["row_s"] = time.perf_counter() - t0
+        info.setdefault("row_s", time.perf_counter() - t0)
         return out, info
 
     def _refine(self, student_name: str, state: StateDict, t: Trained, variant: str):
@@ -224,6 +229,19 @@ def evaluate_output(out, data: ImageDataset) -> EvalResult:
     if isinstance(out, torch.Tensor):
         return eval_from_logits(out, data.y_test, data.num_classes)
     return evaluate(out, data.x_test, data.y_test, data.normalize, num_classes=data.num_classes)
+
+
+def preflight(spec: BenchSpec, data: ImageDataset) -> None:
+    """Fail before any output on what the grid would hit later: every split must be drawable
+    and DENSE needs an input size divisible by 4."""
+    for a, k, s in sorted({(c.alpha, c.k, c.seed) for c in spec.cells()}):
+        dirichlet_partition(data.y_train.numpy(), k, a, seed=s, min_size=spec.min_size,
+                            num_classes=data.num_classes)
+    if "dense" in spec.rows:
+        h, w = data.input_shape[-2:]
+        if h % 4 or w % 4:
+            raise DMMError(f"the dense row needs an input size divisible by 4, "
+                           f"{spec.dataset} has {h}x{w}; leave the row out (--rows)")
 
 
 def load_bench_data(spec: BenchSpec) -> ImageDataset:
@@ -281,10 +299,13 @@ def run_cell(group: Group, cell: Cell, key: str, spec: BenchSpec) -> dict:
     t0 = time.perf_counter()
     ev = evaluate_output(out, group.data)
     info["eval_s"] = time.perf_counter() - t0
+    rare = ev.class_mean(group.rare) if group.rare else None
+    if rare is not None and math.isnan(rare):  # rare classes without test samples
+        rare = None
     return {"key": key, "dataset": spec.dataset, "alpha": cell.alpha, "k": cell.k,
             "seed": cell.seed, "row": cell.row, "accuracy": ev.accuracy, "loss": ev.loss,
             "per_class": ev.per_class, "rare_classes": group.rare,
-            "rare_class_accuracy": ev.class_mean(group.rare) if group.rare else None,
+            "rare_class_accuracy": rare,
             "settings": spec.cell_settings(cell), **info,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 

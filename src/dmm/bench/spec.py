@@ -84,7 +84,35 @@ class BenchSpec:
             raise DMMError(f"unknown bench setting(s): {', '.join(unknown)}")
         return cls(**d)
 
+    def check_types(self) -> None:
+        """Every setting of the right type (values from --set arrive as parsed JSON)."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return is_int(v) or isinstance(v, float)
+
+        def is_str(v):
+            return isinstance(v, str)
+
+        checks = {"integer": (is_int, _INT), "number": (is_num, _NUM), "string": (is_str, _STR),
+                  "true or false": (lambda v: isinstance(v, bool), ("compile",))}
+        for kind, (ok, names) in checks.items():
+            for name in names:
+                v = getattr(self, name)
+                if not ok(v) and not (v is None and name in _OPTIONAL):
+                    raise DMMError(f"bench setting {name} must be {kind}, got {v!r}")
+        for name, ok, kind in (("alphas", is_num, "numbers"), ("k_alphas", is_num, "numbers"),
+                               ("seeds", is_int, "integers"), ("k_values", is_int, "integers"),
+                               ("rows", is_str, "row names")):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(ok(x) for x in v):
+                raise DMMError(f"bench setting {name} must be a list of {kind}, got {v!r}")
+
     def validate(self) -> None:
+        self.check_types()
+        if not self.rows:
+            raise DMMError("no bench rows given")
         bad = [r for r in self.rows if r not in ROWS]
         if bad:
             raise DMMError(f"unknown bench row(s) {', '.join(bad)}; choose from "
@@ -109,6 +137,7 @@ class BenchSpec:
 
     # ---- the grid --------------------------------------------------------------------------
     def cells(self) -> list[Cell]:
+        """Every cell once (repeated alphas, seeds, rows or K values count once)."""
         out = [Cell(a, self.clients, s, r) for a in self.alphas for s in self.seeds
                for r in self.rows]
         for k in self.k_values:
@@ -116,7 +145,7 @@ class BenchSpec:
                 continue
             out += [Cell(a, k, s, r) for a in self.k_alphas for s in self.seeds
                     for r in K_ROWS]
-        return out
+        return list(dict.fromkeys(out))
 
     def train_settings(self, regime: str, alpha: float, k: int, seed: int) -> dict:
         """Everything that determines the client models of one regime (the training key)."""
@@ -127,17 +156,32 @@ class BenchSpec:
             d.update(alpha=alpha, clients=k, min_size=self.min_size)
         if regime == "fedprox":
             d["mu"] = self.mu
+        # only when set, so that the keys of the default (CPU, built-in data) cells stay put
+        if self.data_root is not None:
+            d["data_root"] = str(self.data_root)
+        if self.device != "cpu":
+            d["device"] = self.device
         return d
 
     def cell_settings(self, cell: Cell) -> dict:
         from dmm.bench.rows import row_config
         regime = ROWS[cell.row][1]
-        return {"row": cell.row, "n_test": self.n_test,
-                "train": self.train_settings(regime, cell.alpha, cell.k, cell.seed),
-                "row_config": row_config(cell.row, self, cell.seed)}
+        d = {"row": cell.row, "n_test": self.n_test,
+             "train": self.train_settings(regime, cell.alpha, cell.k, cell.seed),
+             "row_config": row_config(cell.row, self, cell.seed)}
+        if regime == "central":  # one model for every split, but the rare classes are the split's
+            d["split"] = {"alpha": cell.alpha, "k": cell.k, "min_size": self.min_size}
+        return d
 
     def cell_key(self, cell: Cell) -> str:
         return digest(self.cell_settings(cell))
+
+
+_INT = ("clients", "rounds", "local_iters", "batch_size", "min_size", "inversion_images",
+        "inversion_iters", "distill_steps", "n_train", "n_test")
+_NUM = ("width", "lr", "mu", "dense_budget_scale")
+_STR = ("dataset", "arch", "device", "data_root")
+_OPTIONAL = ("n_train", "n_test", "data_root")
 
 
 @dataclass(frozen=True)

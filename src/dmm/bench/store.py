@@ -33,7 +33,7 @@ class ResultStore:
         for line in text.splitlines(keepends=True):
             try:
                 rec = json.loads(line)
-                if not line.endswith("\n") or "key" not in rec:
+                if not line.endswith("\n") or not isinstance(rec, dict) or "key" not in rec:
                     raise ValueError("incomplete record")
             except ValueError:
                 self.dropped += 1  # a torn line from a killed run: that cell runs again
@@ -54,7 +54,9 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
+            data = line.encode()
+            while data:  # one write in practice; loop on a short write
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)
