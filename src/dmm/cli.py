@@ -260,11 +260,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpts = checkpoint.resolve_inputs(args.checkpoints)
     data = _load_data(args)
     rows = []
+    from dmm.validate import validate_checkpoint
+    for ck in ckpts:  # all checked before the first evaluation
+        validate_checkpoint(ck, num_classes=data.num_classes)
     for ck in ckpts:
-        classes = ck.meta.get("arch_kwargs", {}).get("num_classes")
-        if classes is not None and classes != data.num_classes:
-            raise DMMError(f"{ck.path}: model has {classes} classes, {args.dataset} has "
-                           f"{data.num_classes}")
         ev = evaluate(ck.build(), data.x_test, data.y_test, data.normalize,
                       num_classes=data.num_classes)
         rows.append({"checkpoint": str(ck.path), **ev.to_dict()})
@@ -290,23 +289,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # merge / inspect
 # ---------------------------------------------------------------------------------------------
 
-def _load_group(inputs: list[str]):
-    """Checkpoints of one architecture, validated against each other."""
+def _load_group(inputs: list[str], reference=None):
+    """Checkpoints of one architecture (that of `reference` if given), validated
+    (`dmm.validate`: keys, shapes, dtypes, finite values) before anything is built."""
     from dmm import checkpoint
+    from dmm.validate import validate_group
 
     ckpts = checkpoint.resolve_inputs(inputs)
-    first = ckpts[0]
-    for ck in ckpts[1:]:
-        if ck.meta.get("arch") != first.meta.get("arch") or \
-                ck.meta.get("arch_kwargs") != first.meta.get("arch_kwargs"):
-            raise DMMError(f"{ck.path}: architecture {ck.meta.get('arch')} "
-                           f"{ck.meta.get('arch_kwargs')} differs from {first.path}: "
-                           f"{first.meta.get('arch')} {first.meta.get('arch_kwargs')}")
-    from dmm.statedict import check_finite
-
-    modules = [ck.build() for ck in ckpts]
-    check_finite([m.state_dict() for m in modules], [str(ck.path) for ck in ckpts])
-    return ckpts, modules
+    validate_group(ckpts, reference=reference)
+    return ckpts, [ck.build() for ck in ckpts]
 
 
 def _pixel_range(meta: dict) -> tuple[float, float] | None:
@@ -383,11 +374,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         method_params.update(bn_reset=True, seed=args.seed, pixel_range=_pixel_range(meta))
     base = None
     if args.base:
-        base_ck, base_mod = _load_group([args.base])
+        base_ck, base_mod = _load_group([args.base], reference=ckpts[0])
         base = base_mod[0].state_dict()
     t0 = time.perf_counter()
     if args.student:
-        student_ck, student = _load_group([args.student])
+        student_ck, student = _load_group([args.student], reference=ckpts[0])
         if args.refine == "dmm":
             model, report = refine(student[0], modules, cfg, **kwargs)
         else:
