@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import expect_cli_error, run_cli, tiny_model
 
+from conftest import expect_cli_error, run_cli, tiny_model
 from dmm import checkpoint
 from dmm.errors import DMMError
 from dmm.validate import validate_checkpoint, validate_group
