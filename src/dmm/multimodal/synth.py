@@ -27,18 +27,20 @@ from tqdm.auto import tqdm
 from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
 from dmm.synth.hooks import BNStatLoss, running_stats
-from dmm.synth.inversion import InversionConfig, PseudoData, balanced_labels, total_variation
+from dmm.synth.inversion import (
+    InversionConfig,
+    PseudoData,
+    balanced_labels,
+    frozen_eval,
+    jitter_flip,
+    total_variation,
+)
 
 
 def invert_pairs(model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...],
                  cfg: InversionConfig, *, generator: torch.Generator,
                  pixel_range: tuple[float, float] | None = None, text_lr: float | None = None,
                  unit_text: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    was_training = model.training
-    model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     dev = model_device(model)
     b = len(labels)
     labels = labels.to(dev)
@@ -51,39 +53,28 @@ def invert_pairs(model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...],
                            betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=0.0)
     info: dict = {}
-    try:
-        with BNStatLoss(model, running_stats(model)) as bn:
-            for it in range(cfg.iterations):
-                xj = x
-                if cfg.jitter > 0:
-                    dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,),
-                                                            generator=generator))
-                    xj = torch.roll(xj, shifts=(dy, dx), dims=(2, 3))
-                if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
-                    xj = xj.flip(3)
-                with autocast(cfg.bf16, dev.type):
-                    logits = model(xj, t)
-                bn_loss = bn.total(cfg.first_bn_multiplier)
-                ce = F.cross_entropy(logits.float(), labels)
-                loss = (cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
-                        + cfg.ce_weight * ce)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    if pixel_range is not None:
-                        x.clamp_(*pixel_range)
-                    if unit_text:
-                        t.copy_(F.normalize(t, dim=1))
-                if it == 0:
-                    info["bn_initial"] = float(bn_loss.detach())
-            info["bn_final"] = float(bn_loss.detach())
-            info["ce_final"] = float(ce.detach())
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
+    with frozen_eval(model), BNStatLoss(model, running_stats(model)) as bn:
+        for it in range(cfg.iterations):
+            xj = jitter_flip(x, cfg, generator)
+            with autocast(cfg.bf16, dev.type):
+                logits = model(xj, t)
+            bn_loss = bn.total(cfg.first_bn_multiplier)
+            ce = F.cross_entropy(logits.float(), labels)
+            loss = (cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
+                    + cfg.ce_weight * ce)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                if pixel_range is not None:
+                    x.clamp_(*pixel_range)
+                if unit_text:
+                    t.copy_(F.normalize(t, dim=1))
+            if it == 0:
+                info["bn_initial"] = float(bn_loss.detach())
+        info["bn_final"] = float(bn_loss.detach())
+        info["ce_final"] = float(ce.detach())
     return x.detach().cpu(), t.detach().cpu(), info
 
 

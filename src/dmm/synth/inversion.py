@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -121,6 +122,35 @@ def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> tor
     return y[torch.randperm(n, generator=generator)]
 
 
+@contextmanager
+def frozen_eval(model: nn.Module):
+    """The model in eval mode with no parameter gradients for the block; restored after."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def jitter_flip(x: torch.Tensor, cfg: InversionConfig, generator: torch.Generator
+                ) -> torch.Tensor:
+    """DeepInversion's view of the batch for one step: a random roll by up to `cfg.jitter`
+    pixels, then a horizontal flip with probability 1/2 (one draw each, in this order)."""
+    if cfg.jitter > 0:
+        dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,),
+                                                generator=generator))
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
+        x = x.flip(3)
+    return x
+
+
 def invert_batch(
     model: nn.Module,
     labels: torch.Tensor | None,
@@ -136,52 +166,37 @@ def invert_batch(
     `labels=None` drops the CE term. Returns the images and {bn_initial, bn_final, ce_final}.
     The model's parameters are not changed and get no gradients.
     """
-    was_training = model.training
-    model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     dev = model_device(model)
     labels = labels.to(dev) if labels is not None else None
     x = torch.randn(shape, generator=generator).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.lr * 0.05)
     info: dict = {}
-    try:
-        with BNStatLoss(model, targets if targets is not None else running_stats(model)) as bn:
-            for it in range(cfg.iterations):
-                xj = x
-                if cfg.jitter > 0:
-                    dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,),
-                                                            generator=generator))
-                    xj = torch.roll(xj, shifts=(dy, dx), dims=(2, 3))
-                if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
-                    xj = xj.flip(3)
-                with autocast(cfg.bf16, dev.type):
-                    logits = model(xj.contiguous(memory_format=torch.channels_last))
-                bn_loss = bn.total(cfg.first_bn_multiplier)
-                loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
-                ce = torch.zeros((), device=dev)
-                if labels is not None and cfg.ce_weight > 0:
-                    ce = F.cross_entropy(logits.float(), labels)
-                    loss = loss + cfg.ce_weight * ce
-                if cfg.l2_weight > 0:
-                    loss = loss + cfg.l2_weight * x.pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if pixel_range is not None:
-                    with torch.no_grad():
-                        x.clamp_(*pixel_range)
-                if it == 0:
-                    info["bn_initial"] = float(bn_loss.detach())
-            info["bn_final"] = float(bn_loss.detach())
-            info["ce_final"] = float(ce.detach())
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
+    with frozen_eval(model), \
+            BNStatLoss(model, targets if targets is not None else running_stats(model)) as bn:
+        for it in range(cfg.iterations):
+            xj = jitter_flip(x, cfg, generator)
+            with autocast(cfg.bf16, dev.type):
+                logits = model(xj.contiguous(memory_format=torch.channels_last))
+            bn_loss = bn.total(cfg.first_bn_multiplier)
+            loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
+            ce = torch.zeros((), device=dev)
+            if labels is not None and cfg.ce_weight > 0:
+                ce = F.cross_entropy(logits.float(), labels)
+                loss = loss + cfg.ce_weight * ce
+            if cfg.l2_weight > 0:
+                loss = loss + cfg.l2_weight * x.pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if pixel_range is not None:
+                with torch.no_grad():
+                    x.clamp_(*pixel_range)
+            if it == 0:
+                info["bn_initial"] = float(bn_loss.detach())
+        info["bn_final"] = float(bn_loss.detach())
+        info["ce_final"] = float(ce.detach())
     return x.detach().cpu(), info
 
 
