@@ -37,7 +37,7 @@ from dmm.federated.client import train_local
 from dmm.io import provenance
 from dmm.merging import merge_states
 from dmm.models import create
-from dmm.statedict import StateDict
+from dmm.statedict import StateDict, state_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Group:
         self.rare = rare_classes(self.partition.counts)
         self.input_shape = data.input_shape
         self._trained: dict[str, Trained] = {}
-        self._cat: tuple[StateDict, float] | None = None
+        self._merged: dict[str, tuple[StateDict, float]] = {}
         self._pseudo: dict[str, object] = {}
 
     # ---- models ------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class Group:
         if regime == "central":
             torch.manual_seed(self.seed)
             model = create(spec.arch, **self.arch_kwargs).to(spec.device)
-            init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            init = state_of(model)
             tc.local_iters = spec.rounds * spec.local_iters
             train_local(model, self.data.x_train, self.data.y_train, self.data.normalize, tc,
                         generator=torch.Generator().manual_seed(self.seed))
@@ -115,8 +115,8 @@ class Group:
                                 self.partition, cfg, progress=False)
             init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
                 res.n_samples
-        init, clients = _cpu(init), [_cpu(c) for c in clients]
-        glob = _cpu(glob) if glob is not None else None
+        init, clients = state_of(init), [state_of(c) for c in clients]
+        glob = state_of(glob) if glob is not None else None
         wall = time.perf_counter() - t0
         # write into a hidden folder, then rename: a killed run never leaves half a cache entry
         tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -142,40 +142,35 @@ class Group:
                 shutil.rmtree(tmp)
 
     # ---- rows --------------------------------------------------------------------------
-    def cat_merged(self) -> tuple[StateDict, float]:
-        if self._cat is None:
+    def merged(self, row: str) -> tuple[StateDict, float]:
+        """The one-shot clients merged by the method of `row` (MERGE_ROWS) and the seconds it
+        took, computed once per group: the Cat-Merge rows and their + DMM rows share it."""
+        if row not in self._merged:
             t = self.trained("oneshot")
+            method, params = MERGE_ROWS[row]
+            extra = {"input_shape": self.input_shape} if method in ("pleas", "cat") else {}
             t0 = time.perf_counter()
-            method, params = MERGE_ROWS["cat"]
             state = merge_states(t.clients, method, model=self.model(device="cpu"),
                                  weights=t.n_samples, base=t.init, seed=self.seed,
-                                 input_shape=self.input_shape,
-                                 **params)
-            self._cat = (state, time.perf_counter() - t0)
-        return self._cat
+                                 pixel_range=self.data.pixel_range, **extra, **params)
+            self._merged[row] = (state, time.perf_counter() - t0)
+        return self._merged[row]
 
     def run(self, row: str) -> tuple[torch.nn.Module | torch.Tensor, dict]:
         """The row's predictor (a model, or test logits for the ensemble) and its details."""
         regime = ROWS[row][1]
         t = self.trained(regime)
         info: dict = {"train_s": t.wall_time}
-        if row in DMM_ROWS and DMM_ROWS[row][0] == "cat":
-            self.cat_merged()  # shared by the cat+ rows; its time is added to each below
         t0 = time.perf_counter()
         if row in ("fedavg", "fedprox", "fedbn", "central"):
             out = self.model(t.global_state)
         elif row in MERGE_ROWS:
-            method, params = MERGE_ROWS[row]
-            extra = {"input_shape": self.input_shape} if method in ("pleas", "cat") else {}
-            state = merge_states(t.clients, method, model=self.model(device="cpu"),
-                                 weights=t.n_samples, base=t.init, seed=self.seed,
-                                 pixel_range=self.data.pixel_range,
-                                 **extra, **params)
+            state, info["row_s"] = self.merged(row)
             out = self.model(state)
         elif row in DMM_ROWS:
             student_name, variant = DMM_ROWS[row]
             if student_name == "cat":
-                state, merge_s = self.cat_merged()
+                state, merge_s = self.merged("cat")
                 info["merge_s"] = merge_s
             else:
                 state, merge_s = t.global_state, 0.0
@@ -219,10 +214,6 @@ class Group:
                           f"pseudo_{student_name}_a{self.alpha}_k{self.k}_s{self.seed}.png",
                           mean=self.data.mean, std=self.data.std, class_names=self.data.classes)
         return model, rep
-
-
-def _cpu(state: StateDict) -> StateDict:
-    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def evaluate_output(out, data: ImageDataset) -> EvalResult:

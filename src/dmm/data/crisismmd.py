@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmm.data.pairs import PairDataset, PairSplit, channel_stats
+from dmm.data.npz import channel_stats
+from dmm.data.pairs import PairDataset, PairSplit
 from dmm.errors import DMMError
 
 HEADER = ["event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text",
@@ -159,7 +160,7 @@ def load_crisismmd(root: str | Path, *, task: str = "humanitarian", labels: str 
     for need in ("train", "test"):
         if need not in splits or not len(splits[need]):
             raise DMMError(f"CrisisMMD: the {need} split under '{split_dir}' has no usable rows")
-    mean, std = channel_stats(splits["train"].images)
+    mean, std = channel_stats(splits["train"].images.numpy())
     return PairDataset(f"crisismmd-{task}", splits, classes, mean, std,
                        info={"skipped": dict(skipped), "split_dir": str(split_dir),
                              "image_root": str(image_root), "label_column": column})

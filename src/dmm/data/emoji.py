@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmm.data.pairs import PairDataset, PairSplit, channel_stats
+from dmm.data.npz import channel_stats
+from dmm.data.pairs import PairDataset, PairSplit
 from dmm.errors import DMMError
 from dmm.io import save_with
 
@@ -160,6 +161,6 @@ def _from_npz(a, settings: dict) -> PairDataset:
                            [str(t) for t in a[f"t_{s}"]],
                            torch.from_numpy(np.asarray(a[f"y_{s}"], dtype=np.int64)),
                            [str(i) for i in a[f"id_{s}"]]) for s in ("train", "test")}
-    mean, std = channel_stats(splits["train"].images)
+    mean, std = channel_stats(splits["train"].images.numpy())
     return PairDataset("emoji-mm", splits, [str(c) for c in a["classes"]], mean, std,
                        info={"settings": settings, "dropped_unrenderable": int(a["dropped"])})

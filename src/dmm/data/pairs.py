@@ -36,21 +36,3 @@ class PairDataset:
         s = torch.tensor(self.std).view(1, -1, 1, 1)
         return (x.float() / 255.0 - m) / s
 
-
-def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...],
-                                                                     tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images on the 0..1 scale (float64, chunked)."""
-    c = images.shape[1]
-    s = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
-    n = 0
-    for i in range(0, len(images), chunk):
-        x = images[i: i + chunk].to(torch.float64) / 255.0
-        s += x.sum(dim=(0, 2, 3))
-        s2 += (x * x).sum(dim=(0, 2, 3))
-        n += x.shape[0] * x.shape[2] * x.shape[3]
-    if n == 0:
-        return (0.5,) * c, (0.5,) * c
-    mean = s / n
-    std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
