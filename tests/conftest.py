@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,19 @@ def make_dataset(n_train: int = 200, n_test: int = 100, classes: int = 4, size: 
                         (0.3,) * channels, (0.3,) * channels)
 
 
+def write_npz(path, n_train: int = 120, n_test: int = 40):
+    """A tiny data set in dmm's .npz format (NCHW uint8 images, int labels)."""
+    d = make_dataset(n_train=n_train, n_test=n_test)
+    np.savez(path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
+             x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
+    return path
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    return write_npz(tmp_path / "tiny.npz")
+
+
 @pytest.fixture
 def tiny_data() -> ImageDataset:
     return make_dataset()
@@ -46,9 +60,10 @@ def tiny_model(seed: int = 0, classes: int = 4, channels: int = 1):
     return create("resnet8", width=0.25, num_classes=classes, in_channels=channels)
 
 
-def run_cli(*args, cwd) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m dmm.cli ARGS` in a subprocess (tests/ importable for user architectures)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore",
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "dmm.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

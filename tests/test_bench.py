@@ -11,10 +11,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import expect_cli_error, make_dataset, run_cli
+from conftest import expect_cli_error, run_cli, write_npz
 from dmm.bench import BenchSpec, Cell, ResultStore, render_csv, render_markdown
 from dmm.bench.report import mean_std, update_readme
 from dmm.errors import DMMError
@@ -23,13 +22,6 @@ TINY = ["--dataset", "npz", "--alphas", "0.5", "--seeds", "0", "--set", "arch=\"
         "--set", "clients=3", "--set", "local_iters=2", "--set", "batch_size=16", "--rounds", "1",
         "--set", "inversion_images=8", "--set", "inversion_iters=2", "--set", "distill_steps=2",
         "--set", "compile=false", "--set", "dense_budget_scale=0.01"]
-
-
-def write_npz(path: Path) -> Path:
-    d = make_dataset(n_train=120, n_test=40, classes=4, size=16)
-    np.savez(path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
-             x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
-    return path
 
 
 # ---- cache keys -------------------------------------------------------------------------------
@@ -210,3 +202,26 @@ def test_bench_bad_input_is_one_line_and_no_output(tmp_path):
                              "--out", out, "--cache-dir", tmp_path / "c", cwd=tmp_path),
                      "need 150 samples", out)
     assert not (tmp_path / "c").exists()
+
+
+def test_damaged_cache_entry_is_one_line_naming_the_file_and_key(tmp_path):
+    """Cached client models go through the validation layer like any input checkpoint."""
+    import torch
+
+    from dmm import checkpoint
+
+    data = write_npz(tmp_path / "tiny.npz")
+    out, cache = tmp_path / "res", tmp_path / "cache"
+    base = ["bench", *TINY, "--data-root", data, "--out", out, "--cache-dir", cache]
+    r = run_cli(*base, "--rows", "fedavg", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    entry = next((cache / "npz").glob("fedavg_*"))
+    victim = entry / "client_001.safetensors"
+    ck = checkpoint.load(victim)
+    key = next(k for k, v in ck.state.items() if v.is_floating_point())
+    ck.state[key] = torch.full_like(ck.state[key], float("nan"))
+    checkpoint.save(victim, ck.state, **ck.meta)
+    r = run_cli(*base, "--rows", "fedavg+buffer", cwd=tmp_path)
+    # after the progress bar started: the error is the last line
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{victim}: key {key} has NaN or Inf values" in r.stderr.strip().splitlines()[-1]

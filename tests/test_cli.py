@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from conftest import expect_cli_error, make_dataset, run_cli
+from conftest import expect_cli_error, run_cli
 from dmm import checkpoint
 from dmm.cli import main
-
-
-@pytest.fixture
-def npz_file(tmp_path):
-    d = make_dataset(n_train=120, n_test=40)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
-             x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
-    return path
-
 
 TINY = ["--arch", "resnet8", "--width", "0.25", "--rounds", "2", "--local-iters", "2",
         "--batch-size", "16", "--clients", "3", "--alpha", "0.5", "--min-size", "5"]

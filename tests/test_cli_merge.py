@@ -90,8 +90,11 @@ def test_merge_bad_inputs(tmp_path, clients):
         from nobn_model import NoBN
         checkpoint.save(d / f"client_{k}.safetensors", NoBN(), arch="nobn_model:NoBN",
                         arch_kwargs={}, n_samples=3)
+    # a user architecture named by a file is imported only when trusted
     expect_cli_error(run_cli("merge", d, "--out", out, "--config", tmp_path / "fast.json",
-                      cwd=tmp_path), "BatchNorm", out)
+                      cwd=tmp_path), "DMM_TRUST_MODULES=nobn_model", out)
+    expect_cli_error(run_cli("merge", d, "--out", out, "--config", tmp_path / "fast.json",
+                      cwd=tmp_path, env={"DMM_TRUST_MODULES": "nobn_model"}), "BatchNorm", out)
     expect_cli_error(run_cli("merge", tmp_path / "missing_dir", "--out", out, cwd=tmp_path),
                   "no such", out)
 

@@ -88,3 +88,42 @@ def test_text_encoder_loads_offline_and_is_deterministic(tmp_path, monkeypatch):
     assert torch.equal(c1, c2) and list(tmp_path.glob("text_*.npy")) == files
     with pytest.raises(DMMError, match="no config.json"):
         TextEncoder(tmp_path)
+
+
+@pytest.mark.skipif(not _encoder_available(), reason="text encoder packages not installed")
+def test_finetune_layers_trains_only_the_top_encoder_layers(monkeypatch):
+    """finetune_layers=1: token ids in, the top BERT layer and the fusion learn, the rest of
+    the encoder (embeddings, lower layers) stays exactly as loaded."""
+    from dmm.federated import TrainConfig, train_local
+    from dmm.models import create
+    from dmm.multimodal.model import pack_tokens
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    m = create("image_text", num_classes=3, in_channels=3, width=0.25, image_arch="resnet8",
+               finetune_layers=1)
+    enc = m.text_encoder
+    n_layers = len(enc.bert.encoder.layer)
+    trainable = {n.split(".")[4] for n, p in m.named_parameters()
+                 if p.requires_grad and n.startswith("text_encoder.bert.encoder.layer.")}
+    assert trainable == {str(n_layers - 1)}
+    assert not any(p.requires_grad for p in enc.bert.embeddings.parameters())
+    texts = ["red apple", "green tree", "blue sea", "ripe banana", "pine forest", "ocean wave"]
+    tokens = pack_tokens(enc, texts)
+    assert tokens.dtype == torch.int64 and tokens.shape[:2] == (6, 2)
+    images = torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    train_local(m, (images, tokens), y, lambda x: x.float() / 255, TrainConfig(
+        local_iters=3, batch_size=6, lr=0.1, bf16=False, augment=False),
+        generator=torch.Generator().manual_seed(0))
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    top = f"text_encoder.bert.encoder.layer.{n_layers - 1}."
+    assert any(k.startswith(top) for k in changed) and "fc.weight" in changed
+    frozen = [k for k in changed if k.startswith("text_encoder.")
+              and not k.startswith(top)]
+    assert not frozen, frozen
+    # float features still enter directly (how DMM's pseudo-pairs reach the fusion)
+    m.eval()
+    assert m(images, torch.zeros(6, enc.dim)).shape == (6, 3)

@@ -7,6 +7,7 @@ extra JSON-serializable fields. `num_batches_tracked` is stored like every other
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 from dmm.errors import DMMError
 from dmm.io import save_with
 from dmm.models import create
+from dmm.models.registry import check_trusted
 from dmm.statedict import StateDict
 
 META_KEY = "dmm"
@@ -41,7 +43,11 @@ class Checkpoint:
 
     def build(self) -> nn.Module:
         """Instantiate the architecture and load the weights (strict)."""
-        model = create(self.arch, **self.meta.get("arch_kwargs", {}))
+        check_trusted(self.arch, str(self.path or "checkpoint"))
+        kwargs = self.meta.get("arch_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise DMMError(f"{self.path or 'checkpoint'}: arch_kwargs is not a JSON object")
+        model = create(self.arch, **kwargs)
         try:
             model.load_state_dict(self.state, strict=True)
         except RuntimeError as e:
@@ -49,6 +55,111 @@ class Checkpoint:
             raise DMMError(f"{self.path or 'checkpoint'}: weights do not fit {self.arch}: "
                            f"{' '.join(first[:3])[:300]}") from e
         return model
+
+
+# safetensors dtype names -> torch dtypes (the ones a state dict holds)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_MAX_HEADER = 100 * 2**20
+
+
+class LazyState(Mapping):
+    """A checkpoint's tensors, read from the file one at a time when asked for.
+
+    A merge that goes key by key (averaging, task arithmetic, TIES, BN pooling) then holds one
+    key's tensors of every model, not every model whole. The safetensors layout is parsed here
+    (8-byte little-endian header length, JSON header, data) and checked before any read:
+    known dtypes, offsets inside the file, byte counts that match the shapes. Each read opens
+    the file, seeks and reads: nothing is memory-mapped, nothing is unpickled.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than a safetensors header")
+                n = int.from_bytes(head, "little")
+                if n > min(_MAX_HEADER, size - 8):
+                    raise ValueError(f"header length {n} exceeds the file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise DMMError(f"{path}: not a readable safetensors checkpoint ({e})") from e
+        if not isinstance(header, dict):
+            raise DMMError(f"{path}: safetensors header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._index: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DMMError(f"{path}: key {key}: malformed safetensors entry ({e!r})") from e
+            numel = 1
+            for d in shape:
+                if d < 0:
+                    raise DMMError(f"{path}: key {key}: negative dimension in {shape}")
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if not 0 <= begin <= end <= size - self._start or end - begin != nbytes:
+                raise DMMError(f"{path}: key {key}: data offsets {begin}..{end} do not hold "
+                               f"{shape} {info['dtype']} inside the file")
+            self._index[key] = (dtype, shape, begin, end)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._index[key]
+        with self.path.open("rb") as f:
+            f.seek(self._start + begin)
+            buf = bytearray(f.read(end - begin))
+        if len(buf) != end - begin:
+            raise DMMError(f"{self.path}: key {key}: file ended early (truncated?)")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def __contains__(self, key: object) -> bool:  # without reading the tensor
+        return key in self._index
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return self._index[key][1]
+
+
+def open_lazy(path: str | Path) -> Checkpoint:
+    """A checkpoint whose `state` is a LazyState: metadata now, tensors on access."""
+    path = Path(path)
+    if not path.is_file():
+        raise DMMError(f"{path}: no such checkpoint file")
+    state = LazyState(path)
+    return Checkpoint(state, _meta(path, state.metadata), path)
+
+
+def _meta(path: Path, header: dict) -> dict:
+    try:
+        meta = json.loads(header.get(META_KEY, "{}"))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise DMMError(f"{path}: metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or "arch" not in meta:
+        raise DMMError(f"{path}: metadata names no architecture ('arch')")
+    return meta
+
+
+def data_meta(arch: str, arch_kwargs: dict, data, dataset: str) -> dict:
+    """The metadata a checkpoint of `arch` trained on `data` carries (what merge and refine
+    read: the architecture, classes and input normalization)."""
+    return {"arch": arch, "arch_kwargs": arch_kwargs, "classes": data.classes,
+            "dataset": dataset, "input_mean": list(data.mean), "input_std": list(data.std),
+            "input_size": list(data.input_shape)}
 
 
 def save(path: str | Path, model_or_state: nn.Module | StateDict, **meta: Any) -> Path:
@@ -74,16 +185,11 @@ def load(path: str | Path) -> Checkpoint:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DMMError(f"{path}: not a readable safetensors checkpoint ({e})") from e
-    try:
-        meta = json.loads(header.get(META_KEY, "{}"))
-    except json.JSONDecodeError as e:
-        raise DMMError(f"{path}: metadata is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or "arch" not in meta:
-        raise DMMError(f"{path}: metadata names no architecture ('arch')")
-    return Checkpoint(state, meta, path)
+    return Checkpoint(state, _meta(path, header), path)
 
 
-def load_dir(folder: str | Path, pattern: str = "client_*.safetensors") -> list[Checkpoint]:
+def load_dir(folder: str | Path, pattern: str = "client_*.safetensors", *, lazy: bool = False
+             ) -> list[Checkpoint]:
     """Every checkpoint matching `pattern` in `folder`, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -91,15 +197,16 @@ def load_dir(folder: str | Path, pattern: str = "client_*.safetensors") -> list[
     paths = sorted(folder.glob(pattern))
     if not paths:
         raise DMMError(f"{folder}: no files matching {pattern}")
-    return [load(p) for p in paths]
+    return [(open_lazy if lazy else load)(p) for p in paths]
 
 
-def resolve_inputs(items: list[str | Path]) -> list[Checkpoint]:
-    """Checkpoint paths and/or folders (a folder contributes its client_*.safetensors)."""
+def resolve_inputs(items: list[str | Path], *, lazy: bool = False) -> list[Checkpoint]:
+    """Checkpoint paths and/or folders (a folder contributes its client_*.safetensors).
+    `lazy`: tensors stay in the files until read (`LazyState`)."""
     out: list[Checkpoint] = []
     for item in items:
         p = Path(item)
-        out.extend(load_dir(p) if p.is_dir() else [load(p)])
+        out.extend(load_dir(p, lazy=lazy) if p.is_dir() else [(open_lazy if lazy else load)(p)])
     return out
 
 

@@ -40,8 +40,11 @@ def _positive_float(name: str):
     return parse
 
 
+DATASETS = "fmnist | cifar10 | cifar100 | npz | emoji-mm | crisismmd"
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fmnist", help="fmnist | cifar10 | cifar100 | npz")
+    p.add_argument("--dataset", default="fmnist", help=DATASETS)
     p.add_argument("--data-root", default=None,
                    help="folder (or .npz file) holding the data set; fmnist defaults to "
                         "the Debian package's folder or $DMM_DATA_DIR")
@@ -98,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--out", required=True, help="output folder for the checkpoints")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the global model")
+    p.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"],
+                   help="run the rounds in this process, or in Flower's simulation engine "
+                        "(one SuperNode per client; needs dmm[flower])")
+    p.add_argument("--cpus-per-client", type=_positive_int("--cpus-per-client"), default=None,
+                   help="Flower engine: CPUs per client (default: all, one client at a time)")
 
     p = sub.add_parser("evaluate", help="evaluate checkpoints on a data set's test split")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files or folders of client_*")
@@ -123,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="JSON file of DMMConfig overrides")
     p.add_argument("--weights", default="samples", choices=["samples", "uniform"],
                    help="merge weights: by each model's n_samples, or uniform")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load every input whole (by default, with --refine none, averaging, "
+                        "task arithmetic and TIES read the inputs tensor by tensor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="merged checkpoint (.safetensors)")
     p.add_argument("--report", default=None, help="JSON report (default: beside --out)")
@@ -131,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the paper's Table 1, references and ablations as a "
                        "resumable grid (dataset x alpha x method x seed)")
     p.add_argument("--preset", default="quick", help="quick (<= 15 min on 2 cores) | paper")
-    p.add_argument("--dataset", default=None, help="fmnist | cifar10 | cifar100 | npz")
+    p.add_argument("--dataset", default=None, help=DATASETS)
     p.add_argument("--data-root", default=None, help="folder of the data set's files")
     p.add_argument("--alphas", type=float, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -149,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only regenerate tables, CSV and plots from the results folder")
     p.add_argument("--readme", default=None,
                    help="also write the table into this file's <!-- dmm-bench:NAME --> section")
+
+    p = sub.add_parser("convert", help="a PyTorch .pt state dict -> a dmm checkpoint (loaded "
+                       "with weights_only=True: no code runs; checked against --arch)")
+    p.add_argument("input", help="a .pt/.pth file holding a state dict (or {'state_dict': ...})")
+    p.add_argument("--arch", required=True, help="resnet18 | resnet8 | package.module:Class")
+    p.add_argument("--arch-kwargs", default="{}",
+                   help='JSON keyword arguments, e.g. \'{"width": 0.25, "num_classes": 10}\'')
+    p.add_argument("--n-samples", type=_positive_int("--n-samples"), default=None,
+                   help="the number of training samples behind the model (merge weights)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
 
     p = sub.add_parser("inspect", help="divergence table of client models against a merge")
     p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
@@ -218,11 +239,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     create(args.arch, **arch_kwargs)  # fail fast on a bad architecture, before any training
     part = dirichlet_partition(data.y_train.numpy(), args.clients, args.alpha, seed=args.seed,
                                min_size=args.min_size, num_classes=data.num_classes)
-    res = run_federated(lambda: create(args.arch, **arch_kwargs), data, part, cfg)
+    if args.engine == "flower":
+        import torch
 
-    meta = {"arch": args.arch, "arch_kwargs": arch_kwargs, "classes": data.classes,
-            "dataset": args.dataset, "input_mean": list(data.mean), "input_std": list(data.std),
-            "input_size": list(data.input_shape)}
+        from dmm.flower import require_flower
+        require_flower()
+        from dmm.flower.client import ClientTask
+        from dmm.flower.simulation import run_flower
+        task = ClientTask(dataset=args.dataset, arch=args.arch, arch_kwargs=arch_kwargs,
+                          federated=cfg.to_dict(), alpha=args.alpha, clients=args.clients,
+                          min_size=args.min_size, data_root=args.data_root,
+                          n_train=args.n_train, n_test=args.n_test,
+                          threads=torch.get_num_threads())
+        res, _ = run_flower(task, cpus_per_client=args.cpus_per_client, verbose=args.verbose)
+    else:
+        res = run_federated(lambda: create(args.arch, **arch_kwargs), data, part, cfg)
+
+    meta = checkpoint.data_meta(args.arch, arch_kwargs, data, args.dataset)
     checkpoint.save(out / "init.safetensors", res.init_state, **meta, n_samples=0)
     for k, state in enumerate(res.client_states):
         checkpoint.save(out / f"client_{k:03d}.safetensors", state, **meta,
@@ -240,7 +273,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "per_class": ev.per_class})
     write_json(out / "partition.json", part.to_dict())
     write_json(out / "train.json", {
-        "config": {**cfg.to_dict(), "dataset": args.dataset, "arch": args.arch,
+        "config": {**cfg.to_dict(), "engine": args.engine, "dataset": args.dataset,
+                   "arch": args.arch,
                    "arch_kwargs": arch_kwargs, "alpha": args.alpha, "clients": args.clients,
                    "min_size": args.min_size},
         "wall_time_s": res.wall_time, "history": res.history, "eval": rows,
@@ -331,13 +365,24 @@ def _method_params(method: str, pairs: list[str], meta: dict) -> dict:
 def cmd_merge(args: argparse.Namespace) -> int:
     from dmm import checkpoint
     from dmm.io import provenance, write_json
-    from dmm.pipeline import DMMConfig, merge_and_refine, preset, refine
+    from dmm.pipeline import merge_and_refine, preset, refine, with_overrides
     from dmm.synth import save_grid
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise DMMError(f"--out must end in .safetensors, got {out}")
-    ckpts, modules = _load_group(args.inputs)
+    from dmm.merging import get_method, merge_states
+    stream = (args.refine == "none" and args.student is None and not args.bn_reset
+              and not args.in_memory and get_method(args.method).streams)
+    if stream:  # tensors stay in the files until the merge reads them, key by key
+        from dmm.models import create
+        from dmm.validate import validate_group
+        ckpts = checkpoint.resolve_inputs(args.inputs, lazy=True)
+        validate_group(ckpts)
+        modules = []
+        template = create(ckpts[0].arch, **ckpts[0].meta.get("arch_kwargs", {}))
+    else:
+        ckpts, modules = _load_group(args.inputs)
     if args.refine == "dmm" and len(modules) < 2 and args.student is None:
         raise DMMError("DMM needs at least two models to merge (or --student and a teacher)")
     cfg = preset(args.preset)
@@ -346,18 +391,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             overrides = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DMMError(f"{args.config}: cannot read JSON config ({e})") from e
-        if not isinstance(overrides, dict):
-            raise DMMError(f"{args.config}: expected a JSON object of DMMConfig fields")
-        merged_cfg = cfg.to_dict()
-        for k, v in overrides.items():
-            if isinstance(v, dict) and isinstance(merged_cfg.get(k), dict):
-                merged_cfg[k] = {**merged_cfg[k], **v}
-            else:
-                merged_cfg[k] = v
-        try:
-            cfg = DMMConfig.from_dict(merged_cfg)
-        except TypeError as e:
-            raise DMMError(f"{args.config}: {e}") from e
+        cfg = with_overrides(cfg, overrides, args.config)
     cfg.seed = args.seed
     n_samples = [ck.meta.get("n_samples") for ck in ckpts]
     if args.weights == "samples" and any(not isinstance(n, int) or n <= 0 for n in n_samples):
@@ -377,7 +411,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         base_ck, base_mod = _load_group([args.base], reference=ckpts[0])
         base = base_mod[0].state_dict()
     t0 = time.perf_counter()
-    if args.student:
+    if stream:
+        model = merge_states([ck.state for ck in ckpts], args.method, model=template,
+                             weights=weights, base=base, **method_params)
+        report = None
+    elif args.student:
         student_ck, student = _load_group([args.student], reference=ckpts[0])
         if args.refine == "dmm":
             model, report = refine(student[0], modules, cfg, **kwargs)
@@ -393,7 +431,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     checkpoint.save(out, model, **{**meta, "client_id": None,
                                    "n_samples": int(sum(weights)),
                                    "merge": {"method": args.method, "refine": args.refine,
-                                             "inputs": [str(c.path) for c in ckpts]}})
+                                             "inputs": [str(c.path) for c in ckpts],
+                                             "streamed": stream}})
     if pseudo is not None:
         grid = Path(args.grid) if args.grid else out.with_name(out.stem + "_pseudo.png")
         save_grid(pseudo.images, pseudo.labels, grid, mean=tuple(meta.get("input_mean", [0.0])),
@@ -496,8 +535,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dmm import checkpoint
+    from dmm.validate import validate_checkpoint
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise DMMError(f"--out must end in .safetensors, got {out}")
+    try:
+        kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as e:
+        raise DMMError(f"--arch-kwargs is not JSON ({e})") from e
+    if not isinstance(kwargs, dict):
+        raise DMMError("--arch-kwargs must be a JSON object")
+    meta = {"arch": args.arch, "arch_kwargs": kwargs}
+    if args.n_samples:
+        meta["n_samples"] = args.n_samples
+    ck = checkpoint.import_pt(args.input, **meta)
+    validate_checkpoint(ck)
+    checkpoint.save(out, ck.state, **meta, source=str(args.input))
+    print(f"{args.input} -> {out} ({len(ck.state)} tensors, {args.arch})")
+    return 0
+
+
 _COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate,
-             "merge": cmd_merge, "inspect": cmd_inspect, "bench": cmd_bench}
+             "merge": cmd_merge, "inspect": cmd_inspect, "bench": cmd_bench,
+             "convert": cmd_convert}
 
 if __name__ == "__main__":
     sys.exit(main())

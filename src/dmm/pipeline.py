@@ -96,6 +96,24 @@ def preset(name: str, **overrides) -> DMMConfig:
     return cfg
 
 
+def with_overrides(cfg: DMMConfig, overrides: object, where: str) -> DMMConfig:
+    """`cfg` with a JSON object of DMMConfig fields applied (nested `inversion` and
+    `distillation` objects update field by field); `where` names the source in errors."""
+    if not isinstance(overrides, dict):
+        raise DMMError(f"{where}: expected a JSON object of DMMConfig fields")
+    merged = cfg.to_dict()
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    try:
+        out = DMMConfig.from_dict(merged)
+    except (TypeError, DMMError) as e:
+        raise DMMError(f"{where}: {e}") from e
+    return out
+
+
 @dataclass
 class DMMReport:
     divergence: dict

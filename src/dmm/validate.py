@@ -15,6 +15,7 @@ import torch
 from dmm.checkpoint import Checkpoint
 from dmm.errors import DMMError
 from dmm.models import create
+from dmm.models.registry import check_trusted
 from dmm.statedict import bn_layers
 
 
@@ -27,6 +28,9 @@ def validate_checkpoint(ck: Checkpoint, *, num_classes: int | None = None,
     """`ck` fits its own architecture exactly (keys, shapes, dtypes), with finite values."""
     name, kwargs = _arch(ck)
     where = ck.path or "checkpoint"
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise DMMError(f"{where}: metadata 'arch' must be a name and 'arch_kwargs' an object")
+    check_trusted(name, str(where))
     template = create(name, **kwargs).state_dict()
     for k in template:
         if k not in ck.state:

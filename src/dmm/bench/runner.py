@@ -38,22 +38,41 @@ from dmm.io import provenance
 from dmm.merging import merge_states
 from dmm.models import create
 from dmm.statedict import StateDict, state_of
+from dmm.validate import validate_group
 
 log = logging.getLogger(__name__)
 
 
 class Trained:
-    """The models one regime produced for one (alpha, K, seed), with its wall time."""
+    """The models one regime produced for one (alpha, K, seed), with its wall time.
 
-    def __init__(self, folder: Path) -> None:
-        meta = json.loads((folder / "meta.json").read_text())
-        self.wall_time: float = meta["wall_time_s"]
-        self.n_samples: list[int] = meta["n_samples"]
-        self.init = checkpoint.load(folder / "init.safetensors").state
+    A cache entry is checked like any input (`dmm.validate`): the bench's architecture, every
+    key, shape and dtype, finite values. A damaged entry is one error naming the file and key.
+    """
+
+    def __init__(self, folder: Path, arch: str, arch_kwargs: dict) -> None:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            self.wall_time: float = float(meta["wall_time_s"])
+            self.n_samples: list[int] = [int(n) for n in meta["n_samples"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DMMError(f"{folder / 'meta.json'}: damaged bench cache entry ({e}); delete "
+                           "the folder to retrain") from e
+        ckpts = [checkpoint.load(folder / "init.safetensors")]
         g = folder / "global.safetensors"
-        self.global_state = checkpoint.load(g).state if g.exists() else None
-        self.clients = ([c.state for c in checkpoint.load_dir(folder)]
-                        if any(folder.glob("client_*.safetensors")) else [])
+        if g.exists():
+            ckpts.append(checkpoint.load(g))
+        clients = (checkpoint.load_dir(folder) if any(folder.glob("client_*.safetensors"))
+                   else [])
+        for ck in ckpts + clients:
+            if ck.arch != arch or ck.meta.get("arch_kwargs", {}) != arch_kwargs:
+                raise DMMError(f"{ck.path}: cached model is {ck.arch} "
+                               f"{ck.meta.get('arch_kwargs')}, the bench runs {arch} "
+                               f"{arch_kwargs}; delete {folder} to retrain")
+        validate_group(ckpts + clients)
+        self.init = ckpts[0].state
+        self.global_state = ckpts[1].state if g.exists() else None
+        self.clients = [c.state for c in clients]
 
 
 class Group:
@@ -92,7 +111,7 @@ class Group:
                                       f"{digest(settings)}"
             if not (folder / "meta.json").exists():
                 self._train(regime, settings, folder)
-            self._trained[regime] = Trained(folder)
+            self._trained[regime] = Trained(folder, self.spec.arch, self.arch_kwargs)
         return self._trained[regime]
 
     def _train(self, regime: str, settings: dict, folder: Path) -> None:

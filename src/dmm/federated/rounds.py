@@ -45,6 +45,10 @@ class FederatedConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FederatedConfig:
+        return cls(**{**d, "train": TrainConfig(**d["train"])})
+
     def validate(self) -> None:
         if self.regime not in REGIMES:
             raise DMMError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
@@ -75,6 +79,60 @@ def _generator(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+# The steps of one round, shared by this in-process engine and the Flower engine (dmm.flower),
+# so that both make the same choices from the same seed.
+
+def round_sampler(seed: int) -> np.random.Generator:
+    """The stream that picks each round's clients."""
+    return np.random.default_rng([seed, 7])
+
+
+def sample_clients(rng: np.random.Generator, k_clients: int, participation: float) -> list[int]:
+    """max(1, round(participation * K)) distinct clients, sorted."""
+    m = max(1, int(round(participation * k_clients)))
+    return sorted(rng.choice(k_clients, size=m, replace=False).tolist())
+
+
+def client_start(global_state: StateDict, own: StateDict | None, fedbn_local: set[str]
+                 ) -> StateDict:
+    """The model a client starts a round from: the global one, with its own BN under FedBN."""
+    start = dict(global_state)
+    if fedbn_local and own is not None:
+        start.update({key: own[key] for key in fedbn_local})
+    return start
+
+
+def local_train_config(cfg: FederatedConfig) -> TrainConfig:
+    """One-shot clients train once for the whole budget (rounds x local steps)."""
+    tc = cfg.train
+    if cfg.regime != "oneshot":
+        return tc
+    if tc.local_iters is not None:
+        return TrainConfig(**{**tc.to_dict(), "local_iters": tc.local_iters * cfg.rounds})
+    return TrainConfig(**{**tc.to_dict(), "local_epochs": tc.local_epochs * cfg.rounds})
+
+
+def local_update(model: nn.Module, start: StateDict, x: I.Inputs, y: torch.Tensor,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], cfg: FederatedConfig,
+                 round_: int, k: int) -> tuple[StateDict, dict]:
+    """Client k's training in round `round_` (0 for one-shot) from `start`, in `model`."""
+    model.load_state_dict(start)
+    tc = local_train_config(cfg)
+    gp = ({n: p.detach().clone() for n, p in model.named_parameters()}
+          if tc.prox_mu > 0 else None)
+    stats = train_local(model, x, y, normalize, tc, generator=_generator(cfg.seed, round_, k),
+                        global_params=gp)
+    return state_of(model), stats
+
+
+def aggregate_round(regime: str, global_state: StateDict, states: list[StateDict],
+                    n_samples: list[int], model: nn.Module) -> StateDict:
+    """The server's step: FedAvg (also FedProx), or FedBN's shared keys."""
+    if regime == "fedbn":
+        return {**global_state, **aggregate.fedbn_shared(states, n_samples, model)}
+    return aggregate.fedavg(states, n_samples)
+
+
 def run_federated(
     model_fn: Callable[[], nn.Module],
     data: ImageDataset,
@@ -101,11 +159,6 @@ def run_federated(
     history: list[dict] = []
 
     if cfg.regime == "oneshot":
-        tc = cfg.train
-        if tc.local_iters is not None:
-            tc = TrainConfig(**{**tc.to_dict(), "local_iters": tc.local_iters * cfg.rounds})
-        else:
-            tc = TrainConfig(**{**tc.to_dict(), "local_epochs": tc.local_epochs * cfg.rounds})
         clients = []
         for k in tqdm(range(k_clients), desc="one-shot clients", disable=not progress):
             if cfg.oneshot_init == "independent":  # different modes: what Git Re-Basin aligns
@@ -113,38 +166,27 @@ def run_federated(
                 model.load_state_dict(model_fn().state_dict())
             else:
                 model.load_state_dict(init)
-            stats = train_local(model, client_x[k], client_y[k], data.normalize, tc,
-                                generator=_generator(cfg.seed, 0, k))
-            clients.append(state_of(model))
+            state, stats = local_update(model, state_of(model), client_x[k], client_y[k],
+                                        data.normalize, cfg, 0, k)
+            clients.append(state)
             history.append({"client": k, **stats})
         return FederatedResult(init, None, clients, n_samples, history, time.perf_counter() - t0)
 
-    rng = np.random.default_rng([cfg.seed, 7])
+    rng = round_sampler(cfg.seed)
     global_state = init
     clients: list[StateDict] = [state_of(init) for _ in range(k_clients)]
     fedbn_local = aggregate.bn_owned_keys(model) if cfg.regime == "fedbn" else set()
-    m = max(1, int(round(cfg.participation * k_clients)))
     bar = tqdm(range(cfg.rounds), desc=f"{cfg.regime} rounds", disable=not progress)
     for r in bar:
-        chosen = sorted(rng.choice(k_clients, size=m, replace=False).tolist())
+        chosen = sample_clients(rng, k_clients, cfg.participation)
         losses = []
         for k in chosen:
-            start = dict(global_state)
-            if fedbn_local:  # FedBN: the client keeps its own BN layers
-                start.update({key: clients[k][key] for key in fedbn_local})
-            model.load_state_dict(start)
-            gp = ({n: p.detach().clone() for n, p in model.named_parameters()}
-                  if cfg.train.prox_mu > 0 else None)
-            stats = train_local(model, client_x[k], client_y[k], data.normalize, cfg.train,
-                                generator=_generator(cfg.seed, r + 1, k), global_params=gp)
-            clients[k] = state_of(model)
+            start = client_start(global_state, clients[k], fedbn_local)
+            clients[k], stats = local_update(model, start, client_x[k], client_y[k],
+                                             data.normalize, cfg, r + 1, k)
             losses.append(stats["loss"])
-        sel = [clients[k] for k in chosen]
-        sel_n = [n_samples[k] for k in chosen]
-        if fedbn_local:
-            global_state = {**global_state, **aggregate.fedbn_shared(sel, sel_n, model)}
-        else:
-            global_state = aggregate.fedavg(sel, sel_n)
+        global_state = aggregate_round(cfg.regime, global_state, [clients[k] for k in chosen],
+                                       [n_samples[k] for k in chosen], model)
         row = {"round": r + 1, "clients": chosen, "train_loss": float(np.mean(losses))}
         if on_round is not None:
             view = (aggregate.fedbn_global(clients, n_samples, model) if fedbn_local

@@ -28,4 +28,5 @@ register(MergeMethod(
     paper="https://arxiv.org/abs/1602.05629",
     bn_handling="pooled (Eq. 3-4) with the merge weights; pool_bn=False averages them",
     fn=average_merge,
+    streams=True,
 ))

@@ -20,6 +20,9 @@ class MergeMethod:
     bn_handling: str                 # how BN running statistics are produced
     fn: Callable[..., StateDict]     # fn(states, *, weights, model, base, **params) -> state
     needs_base: bool = False
+    # fn reads the states key by key, so they may be lazily loaded (checkpoint.LazyState): a
+    # merge then holds one key's tensors of every model instead of every model whole
+    streams: bool = False
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -48,6 +51,12 @@ def method_params(method: MergeMethod) -> list[str]:
             if p.kind is p.KEYWORD_ONLY and n not in ("weights", "model", "base")]
 
 
+def _shape(state, key: str) -> tuple[int, ...]:
+    """A tensor's shape, without reading it from a lazily loaded checkpoint."""
+    shape_of = getattr(state, "shape_of", None)
+    return tuple(shape_of(key) if shape_of else state[key].shape)
+
+
 def merge_states(
     states: Sequence[StateDict],
     method: str = "average",
@@ -74,9 +83,9 @@ def merge_states(
             diff = sorted(keys ^ set(s))[:3]
             raise DMMError(f"model {i} has different keys than model 0 (e.g. {diff})")
         for k in keys:
-            if s[k].shape != states[0][k].shape:
-                raise DMMError(f"model {i}: key {k} has shape {tuple(s[k].shape)}, "
-                               f"model 0 has {tuple(states[0][k].shape)}")
+            if _shape(s, k) != _shape(states[0], k):
+                raise DMMError(f"model {i}: key {k} has shape {_shape(s, k)}, "
+                               f"model 0 has {_shape(states[0], k)}")
     if m.needs_base and base is None:
         raise DMMError(f"{m.pretty_name} needs a base model (the common initialization; "
                        "--base on the command line)")

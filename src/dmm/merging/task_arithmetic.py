@@ -103,7 +103,8 @@ def ties(states, *, weights, model, base, scale: float = 1.0, density: float = 0
 
 register(MergeMethod(
     name="task_arithmetic", pretty_name="Task arithmetic", paper="https://arxiv.org/abs/2212.04089",
-    bn_handling="pooled (Eq. 3-4) with the merge weights", fn=task_arithmetic, needs_base=True))
+    bn_handling="pooled (Eq. 3-4) with the merge weights", fn=task_arithmetic, needs_base=True,
+    streams=True))
 register(MergeMethod(
     name="ties", pretty_name="TIES-Merging", paper="https://arxiv.org/abs/2306.01708",
-    bn_handling="pooled (Eq. 3-4) with the merge weights", fn=ties, needs_base=True))
+    bn_handling="pooled (Eq. 3-4) with the merge weights", fn=ties, needs_base=True, streams=True))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -40,6 +42,9 @@ def create(arch: str, **kwargs) -> nn.Module:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise DMMError(f"cannot import architecture {arch!r}: {e}") from e
+        # checked before calling: a name such as os:system must never be called
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise DMMError(f"architecture {arch!r} is not an nn.Module class")
         try:
             model = cls(**kwargs)
         except TypeError as e:
@@ -51,6 +56,27 @@ def create(arch: str, **kwargs) -> nn.Module:
         f"unknown architecture {arch!r}; choose one of {', '.join(sorted(_REGISTRY))} "
         "or give your own class as package.module:Class"
     )
+
+
+def check_trusted(arch: str, where: str) -> None:
+    """Refuse an architecture named by a *file* whose module would have to be imported.
+
+    Importing a module runs its code, so a checkpoint must not be able to name any module it
+    likes. A user class `package.module:Class` from a checkpoint's metadata is built only if
+    its module is already imported (the user imported it) or listed in the environment
+    variable DMM_TRUST_MODULES (comma-separated module names or package prefixes). Registered
+    names and plain unknown names (an error later) pass.
+    """
+    if ":" not in arch:
+        return
+    module = arch.partition(":")[0]
+    trusted = [m.strip() for m in os.environ.get("DMM_TRUST_MODULES", "").split(",")
+               if m.strip()]
+    if module in sys.modules or any(module == t or module.startswith(t + ".")
+                                    for t in trusted):
+        return
+    raise DMMError(f"{where}: names the architecture {arch!r}; importing module {module!r} "
+                   f"would run its code. If you trust it, set DMM_TRUST_MODULES={module}")
 
 
 def _ensure_builtin() -> None:

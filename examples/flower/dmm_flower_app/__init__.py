@@ -1,0 +1,1 @@
+"""dmm on Flower: the example app (`flwr run .`)."""

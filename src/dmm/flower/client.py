@@ -1,0 +1,175 @@
+"""A Flower ClientApp that trains a dmm model on its dmm partition.
+
+Each SuperNode knows its `partition-id` (Flower's node config). The ClientApp carries a small
+`ClientTask` (data set name, split, architecture, federated config); each worker process loads
+the data set and draws the Dirichlet partition once (the same call as `dmm train`, so the same
+seed gives the same split) and caches them. Messages carry only model arrays.
+
+Handlers:
+- `query`: replies with the node's partition id (the strategy maps partitions to node ids with it,
+  so that it samples clients by partition exactly as the in-process engine does);
+- `train`: `dmm.federated.rounds.local_update` from the received model, with the seeded stream of
+  (seed, round, partition); FedBN keeps the node's own BatchNorm layers in `context.state`
+  between rounds. The reply carries the model, `num-examples`, `partition-id` and the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import torch
+
+from dmm.flower import require_flower
+
+require_flower()
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+BN_STATE_KEY = "dmm-own-bn"
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What every client needs to rebuild its data and model (JSON-serializable)."""
+
+    dataset: str
+    arch: str
+    arch_kwargs: dict
+    federated: dict                    # FederatedConfig.to_dict()
+    alpha: float
+    clients: int
+    min_size: int = 10
+    data_root: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    threads: int = 0                   # torch threads per client (0: leave torch's default)
+    extra: dict = field(default_factory=dict)
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@lru_cache(maxsize=4)
+def _task_data(key: str):
+    """(data, partition) for a task, once per worker process."""
+    from dmm.data import dirichlet_partition
+    from dmm.data.base import load_dataset
+
+    t = json.loads(key)
+    data = load_dataset(t["dataset"], t["data_root"])
+    if t["n_train"] or t["n_test"]:
+        data = data.subset(t["n_train"], t["n_test"])
+    part = dirichlet_partition(data.y_train.numpy(), t["clients"], t["alpha"],
+                               seed=t["federated"]["seed"], min_size=t["min_size"],
+                               num_classes=data.num_classes)
+    return data, part
+
+
+def task_data(task: ClientTask):
+    return _task_data(task.key())
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Reply with this node's partition id."""
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def handle_train(task: ClientTask, msg: Message, context: Context) -> Message:
+    """One round of local training on this node's partition of `task`."""
+    from dmm import inputs as I
+    from dmm.federated import FederatedConfig
+    from dmm.federated.aggregate import bn_owned_keys
+    from dmm.federated.rounds import client_start, local_update
+    from dmm.models import create
+
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    cfg = FederatedConfig.from_dict(task.federated)
+    pid = int(context.node_config["partition-id"])
+    n_parts = int(context.node_config.get("num-partitions", task.clients))
+    if n_parts != task.clients:
+        raise ValueError(f"the federation has {n_parts} nodes but the task {task.clients} "
+                         "clients")
+    data, part = task_data(task)
+    idx = torch.as_tensor(part.indices[pid])
+    x, y = I.take(data.x_train, idx), data.y_train[idx]
+    server_round = int(msg.content["config"]["server-round"])
+    received = dict(msg.content["arrays"].to_torch_state_dict())
+    model = create(task.arch, **task.arch_kwargs)
+    own_keys = bn_owned_keys(model) if cfg.regime == "fedbn" else set()
+    own = (dict(context.state[BN_STATE_KEY].to_torch_state_dict())
+           if own_keys and BN_STATE_KEY in context.state else None)
+    start = client_start(received, own, own_keys)
+    round_ = 0 if cfg.regime == "oneshot" else server_round
+    state, stats = local_update(model, start, x, y, data.normalize, cfg, round_, pid)
+    if own_keys:
+        context.state[BN_STATE_KEY] = ArrayRecord({k: state[k] for k in own_keys})
+    metrics = MetricRecord({"num-examples": len(part.indices[pid]), "partition-id": pid,
+                            "train-loss": float(stats["loss"])})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+def make_client_app(task: ClientTask) -> ClientApp:
+    """The ClientApp for `task` (Message API: query and train handlers)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(task, msg, context)
+
+    return app
+
+
+# Run config keys (`[tool.flwr.app.config]`, kebab-case) -> ClientTask / FederatedConfig fields.
+RUN_CONFIG_DEFAULTS = {
+    "dataset": "fmnist", "data-root": "", "n-train": 0, "n-test": 0, "arch": "resnet18",
+    "width": 0.25, "alpha": 0.1, "clients": 10, "min-size": 10, "regime": "fedavg",
+    "rounds": 10, "local-iters": 10, "lr": 0.05, "batch-size": 128, "mu": 0.01,
+    "participation": 1.0, "seed": 0, "threads": 0,
+}
+
+# read by the ServerApp only (dmm.flower.server)
+SERVER_KEYS = ("dmm-preset", "dmm-config", "dmm-every", "pool-bn", "out")
+
+
+def task_from_run_config(run_config: dict) -> ClientTask:
+    """A ClientTask from a Flower run config (`flwr run --run-config "alpha=0.5 ..."`)."""
+    return _task_from_json(json.dumps(dict(run_config), sort_keys=True))
+
+
+@lru_cache(maxsize=4)
+def _task_from_json(key: str) -> ClientTask:
+    run_config = json.loads(key)
+    from dmm.data.base import load_dataset
+    from dmm.errors import DMMError
+    from dmm.federated import FederatedConfig, TrainConfig
+
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS) - SERVER_KEYS)
+    if unknown:
+        raise DMMError(f"unknown run config keys: {', '.join(unknown)}; known: "
+                       f"{', '.join([*RUN_CONFIG_DEFAULTS, *SERVER_KEYS])}")
+    c = {**RUN_CONFIG_DEFAULTS, **run_config}
+    data = load_dataset(c["dataset"], c["data-root"] or None)
+    train = TrainConfig(lr=float(c["lr"]), batch_size=int(c["batch-size"]),
+                        local_iters=int(c["local-iters"]),
+                        prox_mu=float(c["mu"]) if c["regime"] == "fedprox" else 0.0)
+    fed = FederatedConfig(regime=c["regime"], rounds=int(c["rounds"]),
+                          participation=float(c["participation"]), seed=int(c["seed"]),
+                          train=train)
+    fed.validate()
+    arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+    if ":" not in c["arch"]:  # the built-in ResNets take a width; a user's module may not
+        arch_kwargs["width"] = float(c["width"])
+    return ClientTask(dataset=c["dataset"], arch=c["arch"], arch_kwargs=arch_kwargs,
+                      federated=fed.to_dict(), alpha=float(c["alpha"]),
+                      clients=int(c["clients"]), min_size=int(c["min-size"]),
+                      data_root=c["data-root"] or None, n_train=int(c["n-train"]) or None,
+                      n_test=int(c["n-test"]) or None, threads=int(c["threads"]))
