@@ -126,4 +126,4 @@ def test_finetune_layers_trains_only_the_top_encoder_layers(monkeypatch):
     assert not frozen, frozen
     # float features still enter directly (how DMM's pseudo-pairs reach the fusion)
     m.eval()
-    assert m(images, torch.zeros(6, enc.dim)).shape == (6, 3)
+    assert m(images.float() / 255, torch.zeros(6, enc.dim)).shape == (6, 3)

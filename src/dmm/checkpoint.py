@@ -91,9 +91,11 @@ class LazyState(Mapping):
         if not isinstance(header, dict):
             raise DMMError(f"{path}: safetensors header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise DMMError(f"{path}: safetensors __metadata__ is not a JSON object")
         self._start = 8 + n
         self._index: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
+        for key, info in sorted(header.items()):  # sorted, as safe_open's keys() are
             try:
                 dtype = _DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])

@@ -113,8 +113,9 @@ def handle_train(task: ClientTask, msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 
 
-def make_client_app(task: ClientTask) -> ClientApp:
-    """The ClientApp for `task` (Message API: query and train handlers)."""
+def make_client_app(task: ClientTask | None = None) -> ClientApp:
+    """The ClientApp for `task` (Message API: query and train handlers); without a task, each
+    message's task comes from the run config (`flwr run --run-config ...`)."""
     app = ClientApp()
 
     @app.query()
@@ -123,7 +124,8 @@ def make_client_app(task: ClientTask) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(task, msg, context)
+        t = task if task is not None else task_from_run_config(context.run_config)
+        return handle_train(t, msg, context)
 
     return app
 
