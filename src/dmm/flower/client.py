@@ -154,7 +154,7 @@ def _task_from_json(key: str) -> ClientTask:
     from dmm.errors import DMMError
     from dmm.federated import FederatedConfig, TrainConfig
 
-    unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS) - SERVER_KEYS)
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS) - set(SERVER_KEYS))
     if unknown:
         raise DMMError(f"unknown run config keys: {', '.join(unknown)}; known: "
                        f"{', '.join([*RUN_CONFIG_DEFAULTS, *SERVER_KEYS])}")

@@ -5,7 +5,8 @@ as a dmm checkpoint and evaluated on the data set's test split.
 Run config keys (`[tool.flwr.app.config]`): those of `dmm.flower.client.RUN_CONFIG_DEFAULTS`
 (the data set, split and training), and
 - `dmm-preset`: `default` | `paper` | `none` (no DMM; the pooled-BN FedAvg model);
-- `dmm-config`: a JSON object of DMMConfig overrides, e.g. '{"inversion": {"n_images": 256}}';
+- `dmm-config`: DMMConfig overrides, as a JSON object or the path of a JSON file, e.g.
+  `{"inversion": {"n_images": 256}}`;
 - `dmm-every`: also run DMM every N rounds (0: after the last round only);
 - `pool-bn`: pool BatchNorm statistics (Eq. 3-4) instead of averaging them (default true);
 - `out`: the checkpoint to write (default `flower-dmm.safetensors`), with `.json` beside it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -49,10 +51,11 @@ def server_main(grid: Grid, context: Context, run_config: dict | None = None) ->
     name = str(rc.get("dmm-preset", "default"))
     dmm_cfg = None if name == "none" else preset(name)
     if dmm_cfg is not None and rc.get("dmm-config"):
-        try:
-            overrides = json.loads(str(rc["dmm-config"]))
-        except json.JSONDecodeError as e:
-            raise DMMError(f"run config dmm-config: not JSON ({e})") from e
+        raw = str(rc["dmm-config"]).strip()
+        try:  # inline JSON, or the path of a JSON file (flwr's --run-config has no nesting)
+            overrides = json.loads(raw if raw.startswith("{") else Path(raw).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DMMError(f"run config dmm-config: not JSON nor a JSON file ({e})") from e
         dmm_cfg = with_overrides(dmm_cfg, overrides, "run config dmm-config")
     if dmm_cfg is not None:
         dmm_cfg.seed = cfg.seed
@@ -62,7 +65,7 @@ def server_main(grid: Grid, context: Context, run_config: dict | None = None) ->
                          dmm=dmm_cfg, dmm_every=int(rc.get("dmm-every", 0)), seed=cfg.seed,
                          fraction_train=cfg.participation, min_available_nodes=task.clients,
                          refine_kwargs={"input_shape": tuple(data.input_shape),
-                                        "pixel_range": data.pixel_range()})
+                                        "pixel_range": data.pixel_range})
     strategy.start(grid, ArrayRecord(state_of(template)), num_rounds=cfg.rounds)
     final = strategy.global_state()
     summary = {"run_config": rc, "history": strategy.history, "failures": strategy.failures,
