@@ -36,16 +36,21 @@ def main() -> None:
         m = re.match(r"tests/test_fuzz.py::(\w+)", block)
         if not m or ":" not in block:
             continue
-        passing = re.search(r"(\d+) passing examples?, (\d+) failing examples?, (\d+) invalid",
-                            block)
-        if passing:
-            targets[m.group(1)] = {"passing": int(passing.group(1)),
-                                   "failing": int(passing.group(2)),
-                                   "invalid": int(passing.group(3))}
+        counts = re.findall(r"(\d+) passing, (\d+) failing, and (\d+) invalid", block)
+        if counts:  # summed over hypothesis' phases (generate, shrink, ...)
+            t = {"passing": sum(int(c[0]) for c in counts),
+                 "failing": sum(int(c[1]) for c in counts),
+                 "invalid": sum(int(c[2]) for c in counts)}
+            events = re.findall(r"\* ([\d.]+)%, (.+)", block)
+            if events:
+                t["events_percent"] = {name.strip(): float(pct) for pct, name in events}
+            targets[m.group(1)] = t
     res = {"examples_per_target": args.examples, "wall_time_s": round(wall, 1),
            "pytest_exit": r.returncode, "targets": targets, "provenance": provenance()}
     for name, t in targets.items():
         print(f"{name}: {t['passing']} passing, {t['failing']} failing, {t['invalid']} invalid")
+        for ev, pct in t.get("events_percent", {}).items():
+            print(f"    {pct:5.1f}%  {ev}")
     print(f"pytest exit {r.returncode} in {wall:.0f} s")
     if r.returncode != 0:
         print(text[-6000:])

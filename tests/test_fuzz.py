@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model, write_npz
@@ -31,7 +31,8 @@ from dmm.validate import validate_checkpoint
 
 EXAMPLES = int(os.environ.get("DMM_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
 META = {"arch": "resnet8", "arch_kwargs": {"width": 0.25, "num_classes": 4, "in_channels": 1},
         "input_mean": [0.3], "input_std": [0.3], "input_size": [1, 16, 16],
         "classes": ["a", "b", "c", "d"]}
@@ -214,6 +215,7 @@ def test_fuzz_command_line(files, tmp_path_factory, data, capsys):
     except SystemExit as e:  # argparse: usage errors
         rc = e.code
     capsys.readouterr()
+    event(f"{argv[0]} exit {rc}")  # the campaign reports these counts
     assert rc in (0, 2), (argv, rc)
     assert not (d / "pwned").exists(), argv  # no pickle ran
     if rc != 0:

@@ -221,6 +221,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise DMMError(f"--alpha must be > 0, got {args.alpha}")
     if args.clients < 1:
         raise DMMError(f"--clients must be >= 1, got {args.clients}")
+    if args.min_size < 1:
+        raise DMMError(f"--min-size must be >= 1 (a client without samples cannot train), "
+                       f"got {args.min_size}")
     train_cfg = TrainConfig(
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         batch_size=args.batch_size,

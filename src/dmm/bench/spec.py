@@ -128,7 +128,7 @@ class BenchSpec:
             raise DMMError("no seeds given")
         if self.clients < 2 or any(k < 2 for k in self.k_values):
             raise DMMError("every number of clients must be >= 2")
-        for name in ("rounds", "local_iters", "batch_size", "inversion_images",
+        for name in ("rounds", "local_iters", "batch_size", "min_size", "inversion_images",
                      "inversion_iters", "distill_steps"):
             if getattr(self, name) < 1:
                 raise DMMError(f"{name} must be >= 1, got {getattr(self, name)}")

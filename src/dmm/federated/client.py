@@ -57,6 +57,8 @@ def batch_schedule(n: int, cfg: TrainConfig, generator: torch.Generator) -> list
     With local iterations, passes are concatenated until `local_iters` batches exist, so a
     client with 40 samples and batch 128 still takes `local_iters` steps of 40 samples.
     """
+    if n < 1:
+        raise DMMError("a client with no samples cannot train (use a minimum client size >= 1)")
     bs = min(cfg.batch_size, n)
     if cfg.local_iters is None:
         return [b for _ in range(cfg.local_epochs)

@@ -35,7 +35,10 @@ def create(arch: str, **kwargs) -> nn.Module:
     """
     _ensure_builtin()
     if arch in _REGISTRY:
-        return _REGISTRY[arch](**kwargs)
+        try:
+            return _REGISTRY[arch](**kwargs)
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. from a file's arch_kwargs
+            raise DMMError(f"architecture {arch!r} rejected arguments {kwargs}: {e}") from e
     if ":" in arch:
         module_name, _, attr = arch.partition(":")
         try:
