@@ -100,7 +100,7 @@ class LazyState(Mapping):
                 dtype = _DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise DMMError(f"{path}: key {key}: malformed safetensors entry ({e!r})") from e
             numel = 1
             for d in shape:
