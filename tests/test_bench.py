@@ -222,6 +222,7 @@ def test_damaged_cache_entry_is_one_line_naming_the_file_and_key(tmp_path):
     ck.state[key] = torch.full_like(ck.state[key], float("nan"))
     checkpoint.save(victim, ck.state, **ck.meta)
     r = run_cli(*base, "--rows", "fedavg+buffer", cwd=tmp_path)
-    # after the progress bar started: the error is the last line
+    # after the progress bar started: the error is one line of its own beside the bar
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert f"{victim}: key {key} has NaN or Inf values" in r.stderr.strip().splitlines()[-1]
+    assert f"dmm bench: error: {victim}: key {key} has NaN or Inf values" in \
+        r.stderr.splitlines(), r.stderr

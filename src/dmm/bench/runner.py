@@ -280,26 +280,27 @@ def run_bench(spec: BenchSpec, out_dir: str | Path, cache_dir: str | Path, *,
     data = data if data is not None else load_bench_data(spec)
     run_id = uuid.uuid4().hex[:12]
     prov = provenance()
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells",
-               disable=not progress, unit="cell")
     def group_of(ck):
         return (ck[0].alpha, ck[0].k, ck[0].seed)
 
     def order(ck):  # main grid first, seed by seed: an interrupted run still covers all alphas
         c = ck[0]
         return (c.k != spec.clients, c.seed, -c.alpha, c.k)
-    for (alpha, k, seed), items in groupby(sorted(todo, key=order), key=group_of):
-        group = Group(spec, data, alpha, k, seed, cache_dir / spec.dataset,
-                      out_dir / "grids")
-        for cell, key in items:
-            bar.set_postfix_str(f"a={alpha} K={k} s={seed} {cell.row}")
-            record = run_cell(group, cell, key, spec)
-            record.update(run_id=run_id, provenance=prov)
-            store.append(record)
-            bar.update(1)
-            bar.write(f"  alpha {alpha:<5} K {k:<3} seed {seed}  {ROWS[cell.row][0]:<46} "
-                      f"{100 * record['accuracy']:6.2f}%  ({record['row_s']:.0f} s)")
-    bar.close()
+
+    # closed on an error too, so that the error starts a line of its own
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells",
+              disable=not progress, unit="cell") as bar:
+        for (alpha, k, seed), items in groupby(sorted(todo, key=order), key=group_of):
+            group = Group(spec, data, alpha, k, seed, cache_dir / spec.dataset,
+                          out_dir / "grids")
+            for cell, key in items:
+                bar.set_postfix_str(f"a={alpha} K={k} s={seed} {cell.row}")
+                record = run_cell(group, cell, key, spec)
+                record.update(run_id=run_id, provenance=prov)
+                store.append(record)
+                bar.update(1)
+                bar.write(f"  alpha {alpha:<5} K {k:<3} seed {seed}  {ROWS[cell.row][0]:<46} "
+                          f"{100 * record['accuracy']:6.2f}%  ({record['row_s']:.0f} s)")
     return store
 
 
