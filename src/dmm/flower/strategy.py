@@ -105,7 +105,6 @@ class DMMFedAvg(FedAvg):
         self.history: list[dict] = []
         self.failures: list[dict] = []
         self.dmm_reports: list[dict] = []
-        self._bn_keys = aggregate.bn_owned_keys(template)
 
     # -- the round loop ----------------------------------------------------------------------
 
