@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_data(args):
     from dmm.data import load_dataset
-    data = load_dataset(args.dataset, args.data_root)
-    if args.n_train or args.n_test:
-        data = data.subset(args.n_train, args.n_test)
-    return data
+    return load_dataset(args.dataset, args.data_root, n_train=args.n_train, n_test=args.n_test)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -235,7 +232,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                           oneshot_init=args.oneshot_init)
     cfg.validate()
     out = ensure_writable_dir(args.out)
-    data = _load_data(args)
+    if args.engine == "flower":  # loaded once: the engine's server side reuses it
+        from dmm.flower import require_flower
+        require_flower()
+        from dmm.flower.client import cached_dataset
+        data = cached_dataset(args.dataset, args.data_root, args.n_train, args.n_test)
+    else:
+        data = _load_data(args)
     arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
     if ":" not in args.arch:
         arch_kwargs["width"] = args.width
@@ -245,8 +248,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.engine == "flower":
         import torch
 
-        from dmm.flower import require_flower
-        require_flower()
         from dmm.flower.client import ClientTask
         from dmm.flower.simulation import run_flower
         task = ClientTask(dataset=args.dataset, arch=args.arch, arch_kwargs=arch_kwargs,

@@ -255,10 +255,7 @@ def preflight(spec: BenchSpec, data: ImageDataset) -> None:
 
 
 def load_bench_data(spec: BenchSpec) -> ImageDataset:
-    data = load_dataset(spec.dataset, spec.data_root)
-    if spec.n_train or spec.n_test:
-        data = data.subset(spec.n_train, spec.n_test)
-    return data
+    return load_dataset(spec.dataset, spec.data_root, n_train=spec.n_train, n_test=spec.n_test)
 
 
 def run_bench(spec: BenchSpec, out_dir: str | Path, cache_dir: str | Path, *,

@@ -88,8 +88,10 @@ def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> ImageDataset:
-    """Load a registered dataset; `root` is the data folder (None: the dataset's default)."""
+def load_dataset(name: str, root: str | Path | None = None, *, n_train: int | None = None,
+                 n_test: int | None = None) -> ImageDataset:
+    """Load a registered dataset; `root` is the data folder (None: the dataset's default);
+    `n_train` / `n_test` keep only the first samples of each split (quick runs)."""
     _ensure_builtin()
     if name not in _REGISTRY:
         raise DMMError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
@@ -97,7 +99,8 @@ def load_dataset(name: str, root: str | Path | None = None) -> ImageDataset:
         root = Path(root)
         if not root.exists():
             raise DMMError(f"data root {str(root)!r} does not exist")
-    return _REGISTRY[name](root)
+    data = _REGISTRY[name](root)
+    return data.subset(n_train, n_test) if (n_train or n_test) else data
 
 
 def _ensure_builtin() -> None:

@@ -16,7 +16,7 @@ Handlers:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -46,22 +46,26 @@ class ClientTask:
     n_train: int | None = None
     n_test: int | None = None
     threads: int = 0                   # torch threads per client (0: leave torch's default)
-    extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+@lru_cache(maxsize=2)
+def cached_dataset(name: str, root: str | None, n_train: int | None, n_test: int | None):
+    """The data set, loaded once per process (the task parser and every round share it)."""
+    from dmm.data.base import load_dataset
+
+    return load_dataset(name, root, n_train=n_train, n_test=n_test)
 
 
 @lru_cache(maxsize=4)
 def _task_data(key: str):
     """(data, partition) for a task, once per worker process."""
     from dmm.data import dirichlet_partition
-    from dmm.data.base import load_dataset
 
     t = json.loads(key)
-    data = load_dataset(t["dataset"], t["data_root"])
-    if t["n_train"] or t["n_test"]:
-        data = data.subset(t["n_train"], t["n_test"])
+    data = cached_dataset(t["dataset"], t["data_root"], t["n_train"], t["n_test"])
     part = dirichlet_partition(data.y_train.numpy(), t["clients"], t["alpha"],
                                seed=t["federated"]["seed"], min_size=t["min_size"],
                                num_classes=data.num_classes)
@@ -150,7 +154,6 @@ def task_from_run_config(run_config: dict) -> ClientTask:
 @lru_cache(maxsize=4)
 def _task_from_json(key: str) -> ClientTask:
     run_config = json.loads(key)
-    from dmm.data.base import load_dataset
     from dmm.errors import DMMError
     from dmm.federated import FederatedConfig, TrainConfig
 
@@ -159,7 +162,8 @@ def _task_from_json(key: str) -> ClientTask:
         raise DMMError(f"unknown run config keys: {', '.join(unknown)}; known: "
                        f"{', '.join([*RUN_CONFIG_DEFAULTS, *SERVER_KEYS])}")
     c = {**RUN_CONFIG_DEFAULTS, **run_config}
-    data = load_dataset(c["dataset"], c["data-root"] or None)
+    data = cached_dataset(c["dataset"], c["data-root"] or None, int(c["n-train"]) or None,
+                          int(c["n-test"]) or None)
     train = TrainConfig(lr=float(c["lr"]), batch_size=int(c["batch-size"]),
                         local_iters=int(c["local-iters"]),
                         prox_mu=float(c["mu"]) if c["regime"] == "fedprox" else 0.0)
