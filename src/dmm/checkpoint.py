@@ -41,13 +41,20 @@ class Checkpoint:
     def n_samples(self) -> int | None:
         return self.meta.get("n_samples")
 
+    def new_model(self) -> nn.Module:
+        """A fresh model of the architecture the metadata names. The metadata is untrusted:
+        the name and keyword arguments are checked, and a user module is imported only if
+        trusted (`dmm.models.registry.check_trusted`)."""
+        where = str(self.path or "checkpoint")
+        name, kwargs = self.meta.get("arch"), self.meta.get("arch_kwargs", {})
+        if not isinstance(name, str) or not isinstance(kwargs, dict):
+            raise DMMError(f"{where}: metadata 'arch' must be a name and 'arch_kwargs' an object")
+        check_trusted(name, where)
+        return create(name, **kwargs)
+
     def build(self) -> nn.Module:
         """Instantiate the architecture and load the weights (strict)."""
-        check_trusted(self.arch, str(self.path or "checkpoint"))
-        kwargs = self.meta.get("arch_kwargs", {})
-        if not isinstance(kwargs, dict):
-            raise DMMError(f"{self.path or 'checkpoint'}: arch_kwargs is not a JSON object")
-        model = create(self.arch, **kwargs)
+        model = self.new_model()
         try:
             model.load_state_dict(self.state, strict=True)
         except RuntimeError as e:

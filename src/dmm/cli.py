@@ -379,12 +379,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     stream = (args.refine == "none" and args.student is None and not args.bn_reset
               and not args.in_memory and get_method(args.method).streams)
     if stream:  # tensors stay in the files until the merge reads them, key by key
-        from dmm.models import create
         from dmm.validate import validate_group
         ckpts = checkpoint.resolve_inputs(args.inputs, lazy=True)
         validate_group(ckpts)
         modules = []
-        template = create(ckpts[0].arch, **ckpts[0].meta.get("arch_kwargs", {}))
+        template = ckpts[0].new_model()
     else:
         ckpts, modules = _load_group(args.inputs)
     if args.refine == "dmm" and len(modules) < 2 and args.student is None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from dmm.checkpoint import Checkpoint
 from dmm.errors import DMMError
-from dmm.models import create
-from dmm.models.registry import check_trusted
 from dmm.statedict import bn_layers
 
 
@@ -24,14 +23,13 @@ def _arch(ck: Checkpoint) -> tuple[str, dict]:
 
 
 def validate_checkpoint(ck: Checkpoint, *, num_classes: int | None = None,
-                        need_bn: bool = False) -> None:
-    """`ck` fits its own architecture exactly (keys, shapes, dtypes), with finite values."""
+                        need_bn: bool = False, model: nn.Module | None = None) -> None:
+    """`ck` fits its own architecture exactly (keys, shapes, dtypes), with finite values.
+    `model`: a fresh model of that architecture, if the caller has one already."""
     name, kwargs = _arch(ck)
     where = ck.path or "checkpoint"
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise DMMError(f"{where}: metadata 'arch' must be a name and 'arch_kwargs' an object")
-    check_trusted(name, str(where))
-    template = create(name, **kwargs).state_dict()
+    model = model if model is not None else ck.new_model()
+    template = model.state_dict()
     for k in template:
         if k not in ck.state:
             raise DMMError(f"{where}: key {k} is missing ({name} has it)")
@@ -52,7 +50,7 @@ def validate_checkpoint(ck: Checkpoint, *, num_classes: int | None = None,
         if classes is not None and classes != num_classes:
             raise DMMError(f"{where}: the model has {classes} classes, the data set has "
                            f"{num_classes}")
-    if need_bn and not bn_layers(create(name, **kwargs)):
+    if need_bn and not bn_layers(model):
         raise DMMError(f"{where}: {name} has no BatchNorm layer; DMM needs running statistics")
 
 
@@ -67,7 +65,8 @@ def validate_group(ckpts: Sequence[Checkpoint], *, reference: Checkpoint | None 
             raise DMMError(f"{ck.path}: architecture {ck.meta.get('arch')} "
                            f"{ck.meta.get('arch_kwargs')} differs from {ref.path}: "
                            f"{ref.meta.get('arch')} {ref.meta.get('arch_kwargs')}")
-    validate_checkpoint(ref, num_classes=num_classes, need_bn=need_bn)
+    model = ref.new_model()  # one template for the group: they share the architecture
+    validate_checkpoint(ref, num_classes=num_classes, need_bn=need_bn, model=model)
     for ck in ckpts:
         if ck is not ref:
-            validate_checkpoint(ck, num_classes=num_classes, need_bn=False)
+            validate_checkpoint(ck, num_classes=num_classes, need_bn=False, model=model)
