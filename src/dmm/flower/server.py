@@ -37,7 +37,7 @@ def server_main(grid: Grid, context: Context, run_config: dict | None = None) ->
     from dmm import checkpoint
     from dmm.evaluate import evaluate
     from dmm.federated import FederatedConfig
-    from dmm.flower.client import RUN_CONFIG_DEFAULTS, task_data, task_from_run_config
+    from dmm.flower.client import task_data, task_from_run_config
     from dmm.flower.strategy import DMMFedAvg
     from dmm.io import provenance, write_json
     from dmm.models import create
@@ -45,7 +45,7 @@ def server_main(grid: Grid, context: Context, run_config: dict | None = None) ->
     from dmm.statedict import state_of
 
     rc = dict(context.run_config if run_config is None else run_config)
-    task = task_from_run_config({k: v for k, v in rc.items() if k in RUN_CONFIG_DEFAULTS})
+    task = task_from_run_config(rc)  # also rejects unknown keys, before any client is asked
     cfg = FederatedConfig.from_dict(task.federated)
     data, _ = task_data(task)
     name = str(rc.get("dmm-preset", "default"))
@@ -81,6 +81,6 @@ def server_main(grid: Grid, context: Context, run_config: dict | None = None) ->
                                                            task.dataset),
                         n_samples=int(sum(strategy.n_samples.values())),
                         regime=f"flower-{cfg.regime}" + ("" if dmm_cfg is None else "+dmm"))
-        write_json(out.rsplit(".", 1)[0] + ".json", summary)
+        write_json(Path(out).with_suffix(".json"), summary)
         log.warning("dmm flower: accuracy %.2f%%, wrote %s", 100 * ev.accuracy, out)
     return summary
