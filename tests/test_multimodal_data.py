@@ -127,3 +127,29 @@ def test_finetune_layers_trains_only_the_top_encoder_layers(monkeypatch):
     # float features still enter directly (how DMM's pseudo-pairs reach the fusion)
     m.eval()
     assert m(images.float() / 255, torch.zeros(6, enc.dim)).shape == (6, 3)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling runs open(marker, 'w')
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.skipif(not _encoder_available(), reason="text encoder packages not installed")
+def test_text_encoder_folder_with_a_pickled_model_is_refused(tmp_path, monkeypatch):
+    """A BERT folder whose weights are pytorch_model.bin (a pickle) is not loaded."""
+    import shutil
+
+    from dmm.text import TextEncoder, default_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = default_model_path()
+    folder = tmp_path / "bert"
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    marker = tmp_path / "pwned"
+    torch.save({"w": _Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(DMMError, match="cannot load the text encoder"):
+        TextEncoder(folder)
+    assert not marker.exists()

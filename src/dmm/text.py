@@ -62,7 +62,9 @@ class TextEncoder(nn.Module):
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            self.bert = AutoModel.from_pretrained(self.path, local_files_only=True)
+            # safetensors only: a folder's pytorch_model.bin would be a pickle
+            self.bert = AutoModel.from_pretrained(self.path, local_files_only=True,
+                                                  use_safetensors=True)
         except (OSError, ValueError) as e:
             raise DMMError(f"cannot load the text encoder from '{self.path}': {e}") from e
         self.bert.eval()

@@ -72,7 +72,7 @@ def run_flower(
         raise DMMError("the Flower engine runs one-shot clients from the shared init only "
                        "(oneshot_init='independent' is in-process only)")
     t0 = time.perf_counter()
-    data, part = task_data(task)  # fail here, not in a worker, on a bad data set or split
+    _, part = task_data(task)  # fail here, not in a worker, on a bad data set or split
     torch.manual_seed(cfg.seed)
     template = create(task.arch, **task.arch_kwargs)
     init = state_of(template)
