@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from dmm.data.base import ImageDataset
+from dmm.federated import TrainConfig, train_local
 from dmm.models import create
 
 torch.set_num_threads(2)
+
+SHAPE = (1, 16, 16)  # the (C, H, W) of make_dataset's images and tiny_model's input
 
 
 def make_dataset(n_train: int = 200, n_test: int = 100, classes: int = 4, size: int = 16,
@@ -58,6 +61,30 @@ def tiny_data() -> ImageDataset:
 def tiny_model(seed: int = 0, classes: int = 4, channels: int = 1):
     torch.manual_seed(seed)
     return create("resnet8", width=0.25, num_classes=classes, in_channels=channels)
+
+
+def trained_model(data, seed=0, steps=30, classes=None):
+    """A tiny model trained briefly on `data` (optionally only on some classes)."""
+    m = tiny_model(seed)
+    x, y = data.x_train, data.y_train
+    if classes is not None:
+        keep = torch.isin(y, torch.tensor(classes))
+        x, y = x[keep], y[keep]
+    train_local(m, x, y, data.normalize, TrainConfig(local_iters=steps, batch_size=32,
+                                                     lr=0.05, bf16=False),
+                generator=torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(n_train=240, n_test=80)
+
+
+@pytest.fixture(scope="module")
+def experts(data):
+    """Four briefly trained experts, each on two of the four classes."""
+    return [trained_model(data, seed=k, classes=[k % 4, (k + 1) % 4]) for k in range(4)]
 
 
 def run_cli(*args, cwd, env: dict | None = None) -> subprocess.CompletedProcess:

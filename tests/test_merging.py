@@ -192,3 +192,87 @@ def test_bn_reset_recomputes_statistics_only():
     assert torch.equal(reset["conv1.weight"], plain["conv1.weight"])
     assert not torch.allclose(reset["bn1.running_var"], plain["bn1.running_var"])
     assert torch.isfinite(reset["bn1.running_var"]).all()
+
+
+# ---- the seed and the input shape reach the method (merge_states forwards by signature) ----
+
+def test_rebasin_seed_changes_the_merge_of_independent_models_and_repeats_bitwise():
+    # Prepare: three models from independent inits (weight matching has no unique optimum)
+    m = _trained_like(0)
+    states = [_trained_like(s).state_dict() for s in (3, 4, 5)]
+    # Execute
+    a0 = merge_states(states, "rebasin", model=m, seed=0)
+    a0_again = merge_states(states, "rebasin", model=m, seed=0)
+    a1 = merge_states(states, "rebasin", model=m, seed=1)
+    # Assert: one seed is bitwise repeatable, another seed gives another merge
+    assert all(torch.equal(a0[k], a0_again[k]) for k in a0)
+    assert any(not torch.equal(a0[k], a1[k]) for k in a0 if a0[k].is_floating_point())
+
+
+def test_rebasin_matcher_order_follows_the_seed():
+    from dmm.permute import weight_matching
+
+    # Prepare
+    m = _trained_like(0)
+    spec = spec_for(m)
+    a, b = _trained_like(3).state_dict(), _trained_like(4).state_dict()
+    # Execute: the matcher visits the permutations in a random order drawn from the generator;
+    # one sweep (max_iter=1) from the identity shows the order in its result
+    by_seed = {s: weight_matching(spec, a, b, generator=torch.Generator().manual_seed(s),
+                                  max_iter=1) for s in range(4)}
+    # Assert
+    same = all(torch.equal(by_seed[0][n], by_seed[0][n]) for n in by_seed[0])
+    assert same and any(not torch.equal(by_seed[0][n], by_seed[s][n])
+                        for s in (1, 2, 3) for n in by_seed[0])
+
+
+def test_merge_states_forwards_seed_and_input_shape_to_a_method_that_declares_them():
+    from dmm.merging import MergeMethod, register
+    from dmm.merging.average import average_merge
+    from dmm.merging.registry import _REGISTRY, method_params
+
+    # Prepare: a method that records what it receives
+    seen: dict = {}
+
+    def spy(states, *, weights, model, seed, input_shape, scale=1.0):
+        seen.update(seed=seed, input_shape=input_shape, scale=scale)
+        return average_merge(states, weights=weights, model=model)
+
+    register(MergeMethod(name="spy", pretty_name="spy", paper="https://example.org",
+                         bn_handling="pooled", fn=spy))
+    try:
+        m = _trained_like(0)
+        # Execute
+        merge_states([m.state_dict()] * 2, "spy", model=m, seed=11, input_shape=(1, 16, 16),
+                     scale=0.5)
+        # Assert: provided names are not user parameters; the method got the run's values
+        assert method_params(get_method("spy")) == ["scale"]
+        assert seen == {"seed": 11, "input_shape": (1, 16, 16), "scale": 0.5}
+    finally:
+        _REGISTRY.pop("spy", None)
+
+
+@pytest.mark.parametrize("name", ["bn_reset", "pixel_range"])
+def test_register_refuses_a_keyword_that_merge_states_reserves(name):
+    from dmm.merging import MergeMethod, register
+    from dmm.merging.registry import _REGISTRY
+
+    # Prepare
+    ns: dict = {}
+    exec(f"def fn(states, *, weights, model, {name}=None):\n    return states[0]", ns)
+    # Execute / Assert
+    with pytest.raises(DMMError, match=f"{name}.*reserves"):
+        register(MergeMethod(name="bad", pretty_name="bad", paper="https://example.org",
+                             bn_handling="none", fn=ns["fn"]))
+    assert "bad" not in _REGISTRY
+
+
+def test_builtin_methods_declare_the_seed_they_use():
+    from dmm.merging.registry import method_params, provided_params
+
+    # Assert: the stochastic methods take the run's seed, and no method offers it as a param
+    for name in ("rebasin", "pleas", "cat"):
+        assert "seed" in provided_params(get_method(name))
+    for name in ("pleas", "cat"):
+        assert "input_shape" in provided_params(get_method(name))
+    assert all("seed" not in method_params(get_method(n)) for n in available_methods())

@@ -346,23 +346,23 @@ def _pixel_range(meta: dict) -> tuple[float, float] | None:
     return pixel_range(meta["input_mean"], meta["input_std"])
 
 
-def _method_params(method: str, pairs: list[str], meta: dict) -> dict:
-    """--param KEY=VALUE pairs parsed as JSON values where possible, checked by the registry."""
-    from dmm.merging import get_method
-    from dmm.merging.registry import method_params
+def _method_params(pairs: list[str]) -> dict:
+    """--param KEY=VALUE pairs parsed as JSON values where possible, checked by the registry
+    (merge_states names the method and its parameters in the error)."""
+    from dmm.merging.registry import PROVIDED
 
-    accepted = method_params(get_method(method))
     out: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise DMMError(f"--param must look like KEY=VALUE, got {pair!r}")
+        if key in PROVIDED:
+            raise DMMError(f"--param {key}: set by dmm merge itself"
+                           + (" (use --seed)" if key == "seed" else ""))
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
-    if "input_shape" in accepted and "input_shape" not in out and "input_size" in meta:
-        out["input_shape"] = tuple(meta["input_size"])
     return out
 
 
@@ -406,9 +406,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kwargs = dict(n_samples=weights, input_shape=tuple(meta["input_size"])
                   if "input_size" in meta else None, pixel_range=_pixel_range(meta),
                   progress=True)
-    method_params = _method_params(args.method, args.param, meta)
+    method_params = _method_params(args.param)
+    method_params.update(seed=args.seed, input_shape=kwargs["input_shape"])
     if args.bn_reset:
-        method_params.update(bn_reset=True, seed=args.seed, pixel_range=_pixel_range(meta))
+        method_params.update(bn_reset=True, pixel_range=_pixel_range(meta))
     base = None
     if args.base:
         base_ck, base_mod = _load_group([args.base], reference=ckpts[0])

@@ -167,11 +167,11 @@ class Group:
         if row not in self._merged:
             t = self.trained("oneshot")
             method, params = MERGE_ROWS[row]
-            extra = {"input_shape": self.input_shape} if method in ("pleas", "cat") else {}
             t0 = time.perf_counter()
             state = merge_states(t.clients, method, model=self.model(device="cpu"),
                                  weights=t.n_samples, base=t.init, seed=self.seed,
-                                 pixel_range=self.data.pixel_range, **extra, **params)
+                                 input_shape=self.input_shape,
+                                 pixel_range=self.data.pixel_range, **params)
             self._merged[row] = (state, time.perf_counter() - t0)
         return self._merged[row]
 

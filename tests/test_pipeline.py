@@ -1,0 +1,84 @@
+"""dmm.pipeline: `refine` and `merge_and_refine` end to end on tiny data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import SHAPE, trained_model
+from dmm import DMMConfig, refine
+from dmm.distill import DistillConfig
+from dmm.errors import DMMError
+from dmm.synth import InversionConfig
+
+
+def _fast_config(**kw):
+    kw.setdefault("distill", True)
+    kw.setdefault("selection", "all")
+    return DMMConfig(
+        buffer_weights="samples",
+        inversion=InversionConfig(n_images=32, batch_size=16, iterations=5, bf16=False),
+        distillation=DistillConfig(steps=3, batch_size=16, gamma=0.0, eta=0.0, bf16=False),
+        **kw)
+
+
+@pytest.mark.parametrize("signal", ["softmax", "agree", "experts"])
+def test_refine_end_to_end_on_tiny_data(data, experts, signal):
+    # Prepare
+    student = trained_model(data, seed=5, steps=10)
+    before = copy.deepcopy(student.state_dict())
+    cfg = _fast_config()
+    cfg.distillation.teacher_signal = signal
+    cfg.inversion.mode = "ensemble"
+    # Execute
+    model, rep = refine(student, experts, cfg, n_samples=[60] * 4, input_shape=SHAPE)
+    # Assert
+    assert rep.teachers == [0, 1, 2, 3]
+    assert rep.inversion["bn_loss"]["final_mean"] < rep.inversion["bn_loss"]["initial_mean"]
+    assert len(rep.distillation["kept_fraction"]) == 4
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    assert model(torch.randn(2, *SHAPE)).shape == (2, 4)
+
+
+def test_refine_ablation_switches(data, experts):
+    student = trained_model(data, seed=5, steps=10)
+    off = _fast_config(buffer_aggregation=False, inversion_augmentation=False, distill=False)
+    model, rep = refine(student, [e.state_dict() for e in experts], off, input_shape=SHAPE)
+    for k, v in student.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert rep.inversion == {} and rep.distillation == {}
+    buf = _fast_config(inversion_augmentation=False, distill=False)
+    model, _ = refine(student, experts, buf, n_samples=[1, 1, 1, 1], input_shape=SHAPE)
+    assert torch.equal(model.state_dict()["conv1.weight"], student.state_dict()["conv1.weight"])
+    assert not torch.equal(model.state_dict()["bn1.running_var"],
+                           student.state_dict()["bn1.running_var"])
+
+
+def test_refine_rejects_bad_input(data, experts):
+    student = trained_model(data, steps=1)
+    with pytest.raises(DMMError, match="at least one"):
+        refine(student, [], _fast_config())
+    bad = copy.deepcopy(experts[0].state_dict())
+    bad["conv1.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(DMMError, match="NaN"):
+        refine(student, [bad], _fast_config(), n_samples=[1], input_shape=SHAPE)
+    no_bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 4))
+    with pytest.raises(DMMError, match="BatchNorm"):
+        refine(no_bn, [no_bn], _fast_config(), input_shape=SHAPE)
+
+
+def test_merge_and_refine_excludes_divergent_models_from_the_merge(data, experts):
+    from dmm.pipeline import merge_and_refine
+    # Prepare
+    s = experts[0].state_dict()
+    odd = trained_model(data, seed=11, steps=60, classes=[3])
+    models = [s, s, s, odd.state_dict()]
+    cfg = _fast_config(exclude_divergent=True, inversion_augmentation=False, distill=False,
+                       buffer_aggregation=False, selection="threshold", tau=0.5)
+    # Execute
+    merged, _ = merge_and_refine(models, cfg, template=experts[0], input_shape=SHAPE)
+    # Assert
+    # the outlier is excluded from the parameter merge: what remains is model 0 itself
+    torch.testing.assert_close(merged.state_dict()["conv1.weight"], s["conv1.weight"])
