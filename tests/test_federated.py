@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from conftest import tiny_model
-from dmm.bn import aggregate_bn_buffers, pooled_bn_statistics
+from dmm.bn import aggregate_bn_buffers
 from dmm.data import dirichlet_partition
 from dmm.federated import FederatedConfig, TrainConfig, run_federated, train_local
 from dmm.federated.aggregate import fedavg, fedbn_global
@@ -53,20 +53,6 @@ def test_federated_runs_are_deterministic_and_regimes_differ(tiny_data):
     # FedBN clients keep their own BN layers: they differ between clients after training
     fb = runs["fedbn"]
     assert not torch.equal(fb.client_states[0]["bn1.weight"], fb.client_states[1]["bn1.weight"])
-
-
-def test_pooled_statistics_equal_union_statistics():
-    g = torch.Generator().manual_seed(0)
-    scale, shift = torch.rand(6, generator=g) * 3, torch.randn(6, generator=g)
-    data = torch.randn(1000, 6, generator=g) * scale + shift
-    cuts = [0, 37, 400, 401, 1000]
-    parts = [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
-    mu, var, count = pooled_bn_statistics(
-        [p.mean(0) for p in parts], [p.var(0, unbiased=False) for p in parts],
-        [len(p) for p in parts])
-    torch.testing.assert_close(mu, data.mean(0), rtol=0, atol=1e-5)
-    torch.testing.assert_close(var, data.var(0, unbiased=False), rtol=0, atol=1e-5)
-    assert count == 1000
 
 
 def test_fedbn_global_pools_statistics_of_identical_models_to_themselves():
