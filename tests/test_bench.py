@@ -226,3 +226,58 @@ def test_damaged_cache_entry_is_one_line_naming_the_file_and_key(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"dmm bench: error: {victim}: key {key} has NaN or Inf values" in \
         r.stderr.splitlines(), r.stderr
+
+
+# ---- the row registry ----------------------------------------------------------------------
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("folder", ["fmnist-paper", "fmnist-quick", "emoji-mm-paper"])
+def test_committed_records_keep_their_cache_keys(folder):
+    """A refactor of rows or configs must not silently orphan committed results: every record
+    of a preset's grid is found under the key the current code computes for its cell."""
+    from dmm.bench.spec import BenchSpec
+
+    # Prepare
+    d = RESULTS / folder
+    spec = BenchSpec.from_dict(json.loads((d / "spec.json").read_text())["spec"])
+    store = ResultStore(d / "cells.jsonl")
+    # Execute
+    keys = {c: spec.cell_key(c) for c in spec.cells()}
+    found = [c for c, k in keys.items() if k in store]
+    # Assert: every committed record of the grid is addressed by its cell's key and settings
+    recorded = {(r["alpha"], r["k"], r["seed"], r["row"]) for r in store.records.values()}
+    grid = {(c.alpha, c.k, c.seed, c.row) for c in keys}
+    assert {(c.alpha, c.k, c.seed, c.row) for c in found} == recorded & grid
+    for c in found:
+        assert store.records[keys[c]]["settings"] == json.loads(
+            json.dumps(spec.cell_settings(c), default=str))
+
+
+def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
+    from dmm.bench import ROWS, Row, get_row, register_row
+    from dmm.bench.registry import ablation_rows, rows_in
+    from dmm.bench.spec import ABLATIONS, REFERENCES, TABLE1
+
+    # Assert: the presets' names are registered, the sections partition them
+    assert set(TABLE1 + REFERENCES + ABLATIONS) <= set(ROWS)
+    assert rows_in("reference") == REFERENCES and set(rows_in("ablation")) == set(ABLATIONS)
+    assert ablation_rows()[:4] == ["fedavg", "fedavg+buffer", "fedavg+dmm", "fedavg+dmm_paper"]
+    # Execute: one call adds a row that the spec validates and keys
+    row = register_row(Row("test-row", "Test row", "fedavg",
+                           build=lambda group: (None, {}),
+                           config=lambda spec, seed: {"x": seed}))
+    try:
+        spec = BenchSpec(rows=["fedavg", "test-row"], alphas=[0.1], seeds=[3])
+        spec.validate()
+        assert get_row("test-row") is row
+        assert spec.cell_settings(Cell(0.1, 10, 3, "test-row"))["row_config"] == {"x": 3}
+        with pytest.raises(DMMError, match="registered already"):
+            register_row(row)
+    finally:
+        ROWS.pop("test-row")
+    with pytest.raises(DMMError, match="unknown regime"):
+        register_row(Row("bad", "Bad", "nope", build=lambda g: (None, {})))
+    with pytest.raises(DMMError, match="unknown bench row"):
+        BenchSpec(rows=["test-row"]).validate()

@@ -91,9 +91,7 @@ def preset(name: str, **overrides) -> DMMConfig:
         cfg = DMMConfig()
     else:
         raise DMMError(f"unknown DMM preset {name!r}; choose one of {', '.join(PRESETS)}")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    return with_overrides(cfg, overrides, f"preset {name!r}") if overrides else cfg
 
 
 def with_overrides(cfg: DMMConfig, overrides: object, where: str) -> DMMConfig:

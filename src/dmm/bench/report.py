@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm.bench.spec import ABLATIONS, K_ROWS, REFERENCES, ROWS, TABLE1, BenchSpec
+from dmm.bench.registry import ROWS, ablation_rows, rows_in
+from dmm.bench.spec import BenchSpec
 from dmm.errors import DMMError
 from dmm.io import save_with, write_text
 
@@ -49,7 +50,7 @@ def _table(records: list[dict], rows: list[str], alphas: list[float], k: int,
     lines = ["| method | " + " | ".join(f"α = {a}" for a in alphas) + " |",
              "|---|" + "---|" * len(alphas)]
     for r in present:
-        lines.append(f"| {ROWS[r][0]} | " + " | ".join(fmt_pct(acc.get((r, a, k), []))
+        lines.append(f"| {ROWS[r].pretty_name} | " + " | ".join(fmt_pct(acc.get((r, a, k), []))
                                                        for a in alphas) + " |")
     return lines if present else []
 
@@ -68,13 +69,13 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
            f"{spec.rounds} rounds x {spec.local_iters} local iterations, batch "
            f"{spec.batch_size}.", ""]
     out += ["**Table 1 rows and references**", ""]
-    out += _table(records, TABLE1 + REFERENCES, alphas, spec.clients)
-    abl = _table(records, ["fedavg", "fedavg+buffer", "fedavg+dmm", "fedavg+dmm_paper", "cat",
-                           "cat+buffer", "cat+dmm", "cat+dmm_paper"], alphas, spec.clients)
-    if any(r["row"] in ABLATIONS for r in records):
+    main = rows_in("table1", "reference")
+    out += _table(records, main, alphas, spec.clients)
+    abl = _table(records, ablation_rows(), alphas, spec.clients)
+    if any(ROWS[r["row"]].section == "ablation" for r in records):
         out += ["", "**Ablations** (+ DMM = buffer aggregation + inversion augmentation, "
                     "the default; full DMM = the paper preset, with selective KD)", ""] + abl
-    rare = _table(records, TABLE1 + REFERENCES, alphas, spec.clients, "rare_class_accuracy")
+    rare = _table(records, main, alphas, spec.clients, "rare_class_accuracy")
     if rare:
         out += ["", "**Rare-class accuracy** (classes with >= 90% of their samples on one "
                     "client; – where no class is rare)", ""] + rare
@@ -86,8 +87,8 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
             out += ["", f"**Number of clients K** (α = {a})", "",
                     "| method | " + " | ".join(f"K = {k}" for k in ks) + " |",
                     "|---|" + "---|" * len(ks)]
-            for r in K_ROWS:
-                out.append(f"| {ROWS[r][0]} | " + " | ".join(
+            for r in spec.k_rows:
+                out.append(f"| {ROWS[r].pretty_name} | " + " | ".join(
                     fmt_pct(acc.get((r, a, k), [])) for k in ks) + " |")
     out += ["", "**Wall time** (s, mean over cells; training is shared by the rows that "
                 "consume the same models)", "",
@@ -99,7 +100,8 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
     for name in ROWS:
         if name in by_row:
             rs = by_row[name]
-            out.append(f"| {ROWS[name][0]} | {np.mean([x['train_s'] for x in rs]):.0f} | "
+            out.append(f"| {ROWS[name].pretty_name} | "
+                       f"{np.mean([x['train_s'] for x in rs]):.0f} | "
                        f"{np.mean([own_seconds(x) for x in rs]):.1f} |")
     return "\n".join(out) + "\n"
 
@@ -118,7 +120,8 @@ def render_csv(records: list[dict]) -> str:
     w.writerow(["dataset", "alpha", "k", "seed", "row", "method", "accuracy",
                 "rare_class_accuracy", "train_s", "own_s", "commit", "key"])
     for r in sorted(records, key=lambda r: (-r["alpha"], r["k"], r["row"], r["seed"])):
-        w.writerow([r["dataset"], r["alpha"], r["k"], r["seed"], r["row"], ROWS[r["row"]][0],
+        w.writerow([r["dataset"], r["alpha"], r["k"], r["seed"], r["row"],
+                    ROWS[r["row"]].pretty_name,
                     f"{r['accuracy']:.6f}",
                     "" if r.get("rare_class_accuracy") is None
                     else f"{r['rare_class_accuracy']:.6f}",
@@ -137,7 +140,7 @@ def plot_accuracy_vs_alpha(records: list[dict], spec: BenchSpec, path: Path) -> 
     if len(alphas) < 2:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in TABLE1 + REFERENCES:
+    for r in rows_in("table1", "reference"):
         pts = [(a, mean_std(acc[(r, a, spec.clients)])) for a in alphas
                if (r, a, spec.clients) in acc]
         if len(pts) < 2:
@@ -145,8 +148,8 @@ def plot_accuracy_vs_alpha(records: list[dict], spec: BenchSpec, path: Path) -> 
         xs = [p[0] for p in pts]
         ms = np.array([100 * p[1][0] for p in pts])
         ss = np.array([100 * p[1][1] for p in pts])
-        style = "--" if r in REFERENCES else "-"
-        ax.errorbar(xs, ms, yerr=ss, label=ROWS[r][0], linestyle=style, marker="o",
+        style = "--" if ROWS[r].section == "reference" else "-"
+        ax.errorbar(xs, ms, yerr=ss, label=ROWS[r].pretty_name, linestyle=style, marker="o",
                     capsize=3, linewidth=2.2 if "dmm" in r else 1.2)
     ax.set_xscale("log")
     ax.set_xlabel("Dirichlet α (smaller = more divergent clients)")

@@ -1,9 +1,10 @@
-"""How each bench row turns trained models into a predictor, and the configuration it hashes.
+"""The built-in bench rows: how each turns trained models into a predictor, and what it hashes.
 
-Rows consume the models of one regime (spec.ROWS): FedAvg / FedProx / FedBN globals and FedAvg's
-last client models; the one-shot clients (one shared seeded init, trained once for the same
-budget) for the merging methods, the ensemble and DENSE; a centrally trained model (the oracle).
-Choices, stated:
+Rows consume the models of one regime: FedAvg / FedProx / FedBN globals and FedAvg's last client
+models; the one-shot clients (one shared seeded init, trained once for the same budget) for the
+merging methods, the ensemble and DENSE; a centrally trained model (the oracle). Each row is one
+`register_row` entry; its variants are arguments of a small builder (`global_row`, `merge_row`,
+`dmm_row`). Choices, stated:
 - Git Re-Basin resets BN statistics after merging, as its paper does, on pseudo-data from every
   client's own statistics (no data; `merge --bn-reset`).
 - "+ DMM" is the default preset (buffer aggregation + inversion augmentation, head only, no KD);
@@ -12,32 +13,39 @@ Choices, stated:
 - The ensemble averages the clients' softmax outputs (each client with its own BN).
 - The oracle trains one model on the union of the client data for rounds x local iterations
   steps (1/K of FedAvg's compute).
+The group a builder receives is `dmm.bench.runner.Group` (trained regimes, shared merges and
+pseudo-data of one (alpha, K, seed)).
 """
 
 from __future__ import annotations
 
-from dmm.bench.spec import BenchSpec
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from dmm.bench.registry import Row, register_row
 from dmm.dense import DenseConfig
 from dmm.pipeline import DMMConfig, preset
 
-DMM_ROWS = {"fedavg+buffer": ("fedavg", "buffer"), "fedavg+dmm": ("fedavg", "default"),
-            "fedavg+dmm_paper": ("fedavg", "paper"), "cat+buffer": ("cat", "buffer"),
-            "cat+dmm": ("cat", "default"), "cat+dmm_paper": ("cat", "paper")}
-MERGE_ROWS = {"pleas": ("pleas", {}), "rebasin": ("rebasin", {"bn_reset": True}),
-              "cat": ("cat", {"scale": 1.0})}
+if TYPE_CHECKING:
+    from dmm.bench.spec import BenchSpec
 
+
+# ---- configurations (what enters the cache key) -------------------------------------------
 
 def dmm_config(variant: str, spec: BenchSpec, seed: int) -> DMMConfig:
+    """The DMM preset of a row (`buffer` = default without inversion and distillation) at the
+    bench's inversion and distillation budget."""
+    base = "default" if variant == "buffer" else variant
+    over: dict = {"seed": seed,
+                  "inversion": {"n_images": spec.inversion_images,
+                                "iterations": spec.inversion_iters, "compile": spec.compile},
+                  "distillation": {"steps": spec.distill_steps}}
     if variant == "buffer":
-        cfg = preset("default", inversion_augmentation=False, distill=False)
-    else:
-        cfg = preset(variant)
-    cfg.seed = seed
-    cfg.inversion.n_images = spec.inversion_images
-    cfg.inversion.iterations = spec.inversion_iters
-    cfg.inversion.compile = spec.compile
-    cfg.distillation.steps = spec.distill_steps
-    return cfg
+        over.update(inversion_augmentation=False, distill=False)
+    return preset(base, **over)
 
 
 def dense_config(spec: BenchSpec) -> DenseConfig:
@@ -45,18 +53,112 @@ def dense_config(spec: BenchSpec) -> DenseConfig:
                        budget_scale=spec.dense_budget_scale)
 
 
-def row_config(row: str, spec: BenchSpec, seed: int) -> dict:
-    """The row's own settings, as they enter the cell's cache key."""
-    if row in DMM_ROWS:
-        student, variant = DMM_ROWS[row]
-        d = {"dmm": dmm_config(variant, spec, seed).to_dict()}
-        if student == "cat":
-            d["merge"] = row_config("cat", spec, seed)
-        return d
-    if row in MERGE_ROWS:
-        method, params = MERGE_ROWS[row]
-        return {"method": method, "params": params, "seed": seed}
-    if row == "dense":
-        return {"dense": dense_config(spec).to_dict(), "seed": seed}
-    return {}
+# ---- builders -----------------------------------------------------------------------------
 
+def global_row(name: str, pretty_name: str, regime: str, **kw) -> Row:
+    """The regime's global model as trained."""
+    def build(group):
+        t = group.trained(regime)
+        t0 = time.perf_counter()
+        return group.model(t.global_state), {"train_s": t.wall_time,
+                                             "row_s": time.perf_counter() - t0}
+    return Row(name, pretty_name, regime, build, **kw)
+
+
+def merge_row(name: str, pretty_name: str, method: str, params: dict, **kw) -> Row:
+    """The one-shot clients merged by a registered merging method (seeded by the cell)."""
+    def config(spec, seed):
+        return {"method": method, "params": params, "seed": seed}
+
+    def build(group):
+        t = group.trained("oneshot")
+        state, seconds = group.merged(method, params)
+        return group.model(state), {"train_s": t.wall_time, "row_s": seconds}
+    return Row(name, pretty_name, "oneshot", build, config, **kw)
+
+
+def dmm_row(name: str, pretty_name: str, student: str, variant: str, **kw) -> Row:
+    """DMM refinement (`variant`: default | paper | buffer) of a student: the FedAvg global
+    model (`student="fedavg"`) or a merge row's result (`student=` that row's name), with the
+    regime's client models as teachers."""
+    merge = ROW_MERGES.get(student)
+
+    def config(spec, seed):
+        d = {"dmm": dmm_config(variant, spec, seed).to_dict()}
+        if merge is not None:
+            d["merge"] = {"method": merge[0], "params": merge[1], "seed": seed}
+        return d
+
+    def build(group):
+        t = group.trained(regime)
+        if merge is not None:
+            state, merge_s = group.merged(*merge)
+            info = {"merge_s": merge_s}
+        else:
+            state, merge_s, info = t.global_state, 0.0, {}
+        out, rep = group.refine(student, state, t, dmm_config(variant, group.spec, group.seed))
+        info.update(train_s=t.wall_time, refine_s=rep.timings["total_s"],
+                    divergence=rep.divergence, teachers=rep.teachers, inversion=rep.inversion)
+        # as if the row ran alone: its merge, plus the refinement with its synthesis even
+        # when the pseudo-data were shared (refine's total_s counts reused synthesis)
+        info["row_s"] = merge_s + info["refine_s"]
+        return out, info
+
+    regime = "oneshot" if merge is not None else student
+    return Row(name, pretty_name, regime, build, config, **kw)
+
+
+def _ensemble(group):
+    from dmm.evaluate import predict_logits
+
+    t = group.trained("oneshot")
+    t0 = time.perf_counter()
+    logits = [predict_logits(group.model(s), group.data.x_test, group.data.normalize)
+              for s in t.clients]
+    out = torch.stack([F.softmax(x.float(), 1) for x in logits]).mean(0).log()
+    return out, {"train_s": t.wall_time, "row_s": time.perf_counter() - t0}
+
+
+def _dense(group):
+    from dmm.dense import dense_distill
+
+    t = group.trained("oneshot")
+    t0 = time.perf_counter()
+    torch.manual_seed(group.seed)
+    out, rep = dense_distill(group.new_model(), [group.model(s) for s in t.clients],
+                             dense_config(group.spec), num_classes=group.data.num_classes,
+                             input_shape=group.input_shape, pixel_range=group.data.pixel_range,
+                             seed=group.seed)
+    return out, {"train_s": t.wall_time, "row_s": time.perf_counter() - t0,
+                 "dense": {k: rep[k] for k in ("steps", "seconds")}}
+
+
+# ---- the rows, in table order -------------------------------------------------------------
+# merge rows whose result a DMM row can refine: row name -> (method, params)
+ROW_MERGES = {"pleas": ("pleas", {}), "rebasin": ("rebasin", {"bn_reset": True}),
+              "cat": ("cat", {"scale": 1.0})}
+
+register_row(global_row("fedavg", "FedAvg", "fedavg", image_text=True, ablation=("fedavg", 0)))
+register_row(global_row("fedprox", "FedProx", "fedprox", image_text=True))
+register_row(global_row("fedbn", "FedBN", "fedbn", image_text=True))
+register_row(dmm_row("fedavg+dmm", "FedAvg + DMM", "fedavg", "default", image_text=True,
+                     ablation=("fedavg", 2)))
+register_row(merge_row("pleas", "PLeaS", *ROW_MERGES["pleas"]))
+register_row(merge_row("rebasin", "Git Re-Basin", *ROW_MERGES["rebasin"]))
+register_row(merge_row("cat", "Cat-Merge", *ROW_MERGES["cat"], ablation=("cat", 0)))
+register_row(dmm_row("cat+dmm", "Cat-Merge + DMM", "cat", "default", ablation=("cat", 2)))
+register_row(Row("ensemble", "Ensemble of client models (reference)", "oneshot", _ensemble,
+                 section="reference", image_text=True))
+register_row(global_row("central", "Centralized, all data (oracle)", "central",
+                        section="reference", image_text=True))
+register_row(Row("dense", "DENSE (one-shot distillation)", "oneshot", _dense,
+                 lambda spec, seed: {"dense": dense_config(spec).to_dict(), "seed": seed},
+                 section="reference"))
+register_row(dmm_row("fedavg+buffer", "FedAvg + buffer aggregation", "fedavg", "buffer",
+                     section="ablation", image_text=True, ablation=("fedavg", 1)))
+register_row(dmm_row("fedavg+dmm_paper", "FedAvg + full DMM (paper preset, with KD)", "fedavg",
+                     "paper", section="ablation", image_text=True, ablation=("fedavg", 3)))
+register_row(dmm_row("cat+buffer", "Cat-Merge + buffer aggregation", "cat", "buffer",
+                     section="ablation", ablation=("cat", 1)))
+register_row(dmm_row("cat+dmm_paper", "Cat-Merge + full DMM (paper preset, with KD)", "cat",
+                     "paper", section="ablation", ablation=("cat", 3)))

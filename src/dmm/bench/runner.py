@@ -21,17 +21,16 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dmm import checkpoint
-from dmm.bench.rows import DMM_ROWS, MERGE_ROWS, dense_config, dmm_config
-from dmm.bench.spec import ROWS, BenchSpec, Cell, digest
+from dmm.bench.registry import get_row
+from dmm.bench.spec import BenchSpec, Cell, digest
 from dmm.bench.store import ResultStore
 from dmm.data import dirichlet_partition, load_dataset
 from dmm.data.base import ImageDataset
 from dmm.errors import DMMError
-from dmm.evaluate import EvalResult, eval_from_logits, evaluate, predict_logits, rare_classes
+from dmm.evaluate import EvalResult, eval_from_logits, evaluate, rare_classes
 from dmm.federated import FederatedConfig, TrainConfig, run_federated
 from dmm.federated.client import train_local
 from dmm.io import provenance
@@ -160,66 +159,37 @@ class Group:
             if tmp.exists():
                 shutil.rmtree(tmp)
 
-    # ---- rows --------------------------------------------------------------------------
-    def merged(self, row: str) -> tuple[StateDict, float]:
-        """The one-shot clients merged by the method of `row` (MERGE_ROWS) and the seconds it
-        took, computed once per group: the Cat-Merge rows and their + DMM rows share it."""
-        if row not in self._merged:
+    # ---- what rows share (dmm.bench.rows builds each row from these) -----------------------
+    def new_model(self) -> torch.nn.Module:
+        """A freshly initialized model of the bench's architecture (seeded by the caller)."""
+        return create(self.spec.arch, **self.arch_kwargs).to(self.spec.device)
+
+    def merged(self, method: str, params: dict) -> tuple[StateDict, float]:
+        """The one-shot clients merged by `method` with `params` (seeded by the group) and the
+        seconds it took, computed once per group: the Cat-Merge rows and their + DMM rows share
+        it."""
+        key = json.dumps([method, params], sort_keys=True)
+        if key not in self._merged:
             t = self.trained("oneshot")
-            method, params = MERGE_ROWS[row]
             t0 = time.perf_counter()
             state = merge_states(t.clients, method, model=self.model(device="cpu"),
                                  weights=t.n_samples, base=t.init, seed=self.seed,
                                  input_shape=self.input_shape,
                                  pixel_range=self.data.pixel_range, **params)
-            self._merged[row] = (state, time.perf_counter() - t0)
-        return self._merged[row]
+            self._merged[key] = (state, time.perf_counter() - t0)
+        return self._merged[key]
 
     def run(self, row: str) -> tuple[torch.nn.Module | torch.Tensor, dict]:
         """The row's predictor (a model, or test logits for the ensemble) and its details."""
-        regime = ROWS[row][1]
-        t = self.trained(regime)
-        info: dict = {"train_s": t.wall_time}
         t0 = time.perf_counter()
-        if row in ("fedavg", "fedprox", "fedbn", "central"):
-            out = self.model(t.global_state)
-        elif row in MERGE_ROWS:
-            state, info["row_s"] = self.merged(row)
-            out = self.model(state)
-        elif row in DMM_ROWS:
-            student_name, variant = DMM_ROWS[row]
-            if student_name == "cat":
-                state, merge_s = self.merged("cat")
-                info["merge_s"] = merge_s
-            else:
-                state, merge_s = t.global_state, 0.0
-            out, rep = self._refine(student_name, state, t, variant)
-            info.update(refine_s=rep.timings["total_s"], divergence=rep.divergence,
-                        teachers=rep.teachers, inversion=rep.inversion)
-            # as if the row ran alone: its merge, plus the refinement with its synthesis even
-            # when the pseudo-data were shared (refine's total_s counts reused synthesis)
-            info["row_s"] = merge_s + info["refine_s"]
-        elif row == "ensemble":
-            logits = [predict_logits(self.model(s), self.data.x_test, self.data.normalize)
-                      for s in t.clients]
-            out = torch.stack([F.softmax(x.float(), 1) for x in logits]).mean(0).log()
-        elif row == "dense":
-            from dmm.dense import dense_distill
-            torch.manual_seed(self.seed)
-            student = create(self.spec.arch, **self.arch_kwargs).to(self.spec.device)
-            out, rep = dense_distill(student, [self.model(s) for s in t.clients],
-                                     dense_config(self.spec), num_classes=self.data.num_classes,
-                                     input_shape=self.input_shape,
-                                     pixel_range=self.data.pixel_range, seed=self.seed)
-            info["dense"] = {k: rep[k] for k in ("steps", "seconds")}
-        else:  # pragma: no cover - spec.validate() rejects unknown rows
-            raise KeyError(row)
+        out, info = get_row(row).build(self)
         info.setdefault("row_s", time.perf_counter() - t0)
         return out, info
 
-    def _refine(self, student_name: str, state: StateDict, t: Trained, variant: str):
+    def refine(self, student_name: str, state: StateDict, t: Trained, cfg):
+        """DMM refinement of `state` with the regime's clients as teachers; pseudo-data of
+        identical inversions are shared by the rows of the group."""
         from dmm.pipeline import refine
-        cfg = dmm_config(variant, self.spec, self.seed)
         key = json.dumps([student_name, cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed])
         teachers = [self.model(s) for s in t.clients]
         model, rep = refine(self.model(state), teachers, cfg, n_samples=t.n_samples,
@@ -296,7 +266,8 @@ def run_bench(spec: BenchSpec, out_dir: str | Path, cache_dir: str | Path, *,
                 record.update(run_id=run_id, provenance=prov)
                 store.append(record)
                 bar.update(1)
-                bar.write(f"  alpha {alpha:<5} K {k:<3} seed {seed}  {ROWS[cell.row][0]:<46} "
+                name = get_row(cell.row).pretty_name
+                bar.write(f"  alpha {alpha:<5} K {k:<3} seed {seed}  {name:<46} "
                           f"{100 * record['accuracy']:6.2f}%  ({record['row_s']:.0f} s)")
     return store
 

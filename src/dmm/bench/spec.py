@@ -12,38 +12,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
+from dmm.bench.registry import ROWS, get_row
 from dmm.errors import DMMError
 
-# ---- rows -------------------------------------------------------------------------------------
-# name -> (pretty name, regime whose models it consumes)
+# ---- rows (registered in dmm.bench.registry; presets list their names) -------------------
 TABLE1 = ["fedavg", "fedprox", "fedbn", "fedavg+dmm", "pleas", "rebasin", "cat", "cat+dmm"]
 REFERENCES = ["ensemble", "central", "dense"]
 ABLATIONS = ["fedavg+buffer", "fedavg+dmm_paper", "cat+buffer", "cat+dmm_paper"]
-ROWS: dict[str, tuple[str, str]] = {
-    "fedavg": ("FedAvg", "fedavg"),
-    "fedprox": ("FedProx", "fedprox"),
-    "fedbn": ("FedBN", "fedbn"),
-    "fedavg+dmm": ("FedAvg + DMM", "fedavg"),
-    "pleas": ("PLeaS", "oneshot"),
-    "rebasin": ("Git Re-Basin", "oneshot"),
-    "cat": ("Cat-Merge", "oneshot"),
-    "cat+dmm": ("Cat-Merge + DMM", "oneshot"),
-    "ensemble": ("Ensemble of client models (reference)", "oneshot"),
-    "central": ("Centralized, all data (oracle)", "central"),
-    "dense": ("DENSE (one-shot distillation)", "oneshot"),
-    "fedavg+buffer": ("FedAvg + buffer aggregation", "fedavg"),
-    "fedavg+dmm_paper": ("FedAvg + full DMM (paper preset, with KD)", "fedavg"),
-    "cat+buffer": ("Cat-Merge + buffer aggregation", "oneshot"),
-    "cat+dmm_paper": ("Cat-Merge + full DMM (paper preset, with KD)", "oneshot"),
-}
-# ablation over the number of clients K: these rows, at the spec's `k_alphas`
-K_ROWS = ["fedavg", "fedavg+buffer", "fedavg+dmm"]
-# image + text data sets (ImageTextNet): the rows that apply. Git Re-Basin needs a permutation
-# spec of the model, PLeaS and CAT hook single-input conv/linear layers, DENSE generates images
-# only; none of them has an image + text form here.
+# image + text data sets (ImageTextNet): only the rows registered with image_text=True apply.
+# Git Re-Basin needs a permutation spec of the model, PLeaS and CAT hook single-input conv/linear
+# layers, DENSE generates images only; none of them has an image + text form here.
 PAIR_DATASETS = ("emoji-mm", "crisismmd")
-MM_ROWS = ["fedavg", "fedprox", "fedbn", "fedavg+dmm", "ensemble", "central", "fedavg+buffer",
-           "fedavg+dmm_paper"]
 
 
 @dataclass
@@ -60,6 +39,7 @@ class BenchSpec:
     rows: list[str] = field(default_factory=lambda: TABLE1 + REFERENCES + ABLATIONS)
     k_values: list[int] = field(default_factory=list)   # K ablation (besides `clients`)
     k_alphas: list[float] = field(default_factory=lambda: [0.01])
+    k_rows: list[str] = field(default_factory=lambda: ["fedavg", "fedavg+buffer", "fedavg+dmm"])
     rounds: int = 10
     local_iters: int = 10
     batch_size: int = 128
@@ -104,7 +84,7 @@ class BenchSpec:
                     raise DMMError(f"bench setting {name} must be {kind}, got {v!r}")
         for name, ok, kind in (("alphas", is_num, "numbers"), ("k_alphas", is_num, "numbers"),
                                ("seeds", is_int, "integers"), ("k_values", is_int, "integers"),
-                               ("rows", is_str, "row names")):
+                               ("rows", is_str, "row names"), ("k_rows", is_str, "row names")):
             v = getattr(self, name)
             if not isinstance(v, list) or not all(ok(x) for x in v):
                 raise DMMError(f"bench setting {name} must be a list of {kind}, got {v!r}")
@@ -113,15 +93,15 @@ class BenchSpec:
         self.check_types()
         if not self.rows:
             raise DMMError("no bench rows given")
-        bad = [r for r in self.rows if r not in ROWS]
+        bad = [r for r in self.rows + self.k_rows if r not in ROWS]
         if bad:
             raise DMMError(f"unknown bench row(s) {', '.join(bad)}; choose from "
                            f"{', '.join(ROWS)}")
         if self.arch == "image_text":
-            bad = [r for r in self.rows if r not in MM_ROWS]
+            bad = [r for r in self.rows + self.k_rows if not ROWS[r].image_text]
             if bad:
                 raise DMMError(f"row(s) {', '.join(bad)} do not apply to image + text models; "
-                               f"these do: {', '.join(MM_ROWS)}")
+                               f"these do: {', '.join(n for n, r in ROWS.items() if r.image_text)}")
         if not self.alphas or any(not a > 0 for a in self.alphas):
             raise DMMError(f"alphas must be > 0, got {self.alphas}")
         if not self.seeds:
@@ -144,7 +124,7 @@ class BenchSpec:
             if k == self.clients:
                 continue
             out += [Cell(a, k, s, r) for a in self.k_alphas for s in self.seeds
-                    for r in K_ROWS]
+                    for r in self.k_rows]
         return list(dict.fromkeys(out))
 
     def train_settings(self, regime: str, alpha: float, k: int, seed: int) -> dict:
@@ -164,11 +144,11 @@ class BenchSpec:
         return d
 
     def cell_settings(self, cell: Cell) -> dict:
-        from dmm.bench.rows import row_config
-        regime = ROWS[cell.row][1]
+        row = get_row(cell.row)
+        regime = row.regime
         d = {"row": cell.row, "n_test": self.n_test,
              "train": self.train_settings(regime, cell.alpha, cell.k, cell.seed),
-             "row_config": row_config(cell.row, self, cell.seed)}
+             "row_config": row.config(self, cell.seed)}
         if regime == "central":  # one model for every split, but the rare classes are the split's
             d["split"] = {"alpha": cell.alpha, "k": cell.k, "min_size": self.min_size}
         return d
@@ -214,7 +194,7 @@ def get_preset(name: str, **overrides) -> BenchSpec:
         if "arch" not in overrides:
             spec.arch = "image_text"
         if "rows" not in overrides:
-            spec.rows = [r for r in spec.rows if r in MM_ROWS]
+            spec.rows = [r for r in spec.rows if get_row(r).image_text]
         if "k_values" not in overrides:
             spec.k_values = []
     return spec

@@ -11,7 +11,6 @@ from torch import nn
 from dmm.errors import DMMError
 from dmm.statedict import StateDict
 
-
 # what merge_states hands a method's fn when fn declares it (by keyword): the models' weights,
 # a template module, the common base, the run's seed and the models' input shape (C, H, W)
 PROVIDED = ("weights", "model", "base", "seed", "input_shape")
