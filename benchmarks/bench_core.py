@@ -28,7 +28,6 @@ import torch
 from dmm import checkpoint
 from dmm.cli import main as dmm_main
 from dmm.data import load_dataset
-from dmm.distill import DistillConfig
 from dmm.evaluate import evaluate, rare_classes
 from dmm.io import provenance, write_json, write_text
 from dmm.pipeline import DMMConfig, preset, refine
@@ -38,7 +37,7 @@ from dmm.pipeline import DMMConfig, preset, refine
 
 def rows() -> dict[str, DMMConfig | None]:
     off = dict(inversion_augmentation=False, distill=False)
-    full_net = preset("default", distillation=DistillConfig(optimizer="sgd", lr=1e-3))
+    full_net = preset("default", distillation={"lr": 1e-3, "trainable": "all"})
     experts = preset("default", distill=True, selection="all")
     experts.distillation.teacher_signal = "experts"
     experts.distillation.gamma = experts.distillation.eta = 0.0

@@ -97,6 +97,9 @@ with torch.no_grad():
     agree = float((student(imgs).argmax(1) == labels).float().mean())
 print(f"student agrees with the pseudo-labels on {100 * agree:.1f}%")
 ev(student, "buffered student")
+# the variants were written against DistillConfig's earlier defaults (Adam 1e-3, whole network,
+# no CE term); DistillConfig now defaults to DMM's own refinement (SGD 1e-2, head, CE)
+OLD_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "trainable": "all", "ce_weight": 0.0}
 for name, v in variants.items():
     sel = v.pop("teachers", "all")
     recal = v.pop("recal", None)
@@ -105,7 +108,7 @@ for name, v in variants.items():
         recalibrate_bn(base, imgs)
     chosen = list(range(len(teachers))) if sel == "all" else sel
     t0 = time.time()
-    m, rep = distill(base, [teachers[i] for i in chosen], imgs, labels, DistillConfig(**v),
-                     seed=0)
+    m, rep = distill(base, [teachers[i] for i in chosen], imgs, labels,
+                     DistillConfig(**{**OLD_DEFAULTS, **v}), seed=0)
     kept = np.round(rep.kept_fraction, 2).tolist()
     ev(m, f"{name} ({time.time() - t0:.0f}s) kept {kept}")

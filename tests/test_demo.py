@@ -13,7 +13,7 @@ def test_demo_writes_three_rows_and_grid(tmp_path):
                     dmm_overrides={
                         "inversion": InversionConfig(n_images=20, batch_size=10, iterations=3),
                         "distillation": DistillConfig(optimizer="sgd", lr=1e-3, steps=3,
-                                                      batch_size=10)})
+                                                      trainable="all", batch_size=10)})
     assert [r["method"] for r in rows] == ["FedAvg", "FedAvg + buffer aggregation",
                                            "FedAvg + DMM"]
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from conftest import SHAPE, trained_model
 from dmm.distill import DistillConfig, distill, kd_loss, normalized_entropy, selection_mask
+from dmm.errors import DMMError
 
 
 def test_selection_keeps_exactly_pairs_meeting_both_thresholds():
@@ -42,7 +44,7 @@ def test_distilling_from_identical_teacher_leaves_outputs_unchanged(data):
     before = m(x).detach()
     images = torch.randn(64, *SHAPE)
     cfg = DistillConfig(steps=5, batch_size=32, lr=1e-2, gamma=0.0, eta=0.0, bf16=False,
-                        augment=False)
+                        augment=False, optimizer="adam", trainable="all", ce_weight=0.0)
     # Execute
     out, rep = distill(m, [teacher], images, torch.zeros(64, dtype=torch.long), cfg)
     # Assert
@@ -54,7 +56,8 @@ def test_distillation_moves_student_toward_teacher(data, experts):
     # Prepare
     student = trained_model(data, seed=9, steps=2)
     images = data.normalize(data.x_train[:128])
-    cfg = DistillConfig(steps=30, batch_size=64, lr=3e-3, gamma=0.0, eta=0.0, bf16=False)
+    cfg = DistillConfig(steps=30, batch_size=64, lr=3e-3, gamma=0.0, eta=0.0, bf16=False,
+                        optimizer="adam", trainable="all", ce_weight=0.0)
     t = experts[0]
 
     def gap(s):
@@ -70,3 +73,13 @@ def test_distillation_moves_student_toward_teacher(data, experts):
     # Assert
     assert gap(out) < g0
     assert len(rep.loss_curve) == 30
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("optimizer", "rmsprop", "optimizer must be"), ("lr", 0, "lr must be > 0"),
+    ("steps", 2.5, "steps must be an integer"), ("ce_weight", -1, "ce_weight must be >= 0"),
+    ("grad_clip", 0, "grad_clip"), ("teacher_signal", "vote", "unknown teacher signal"),
+])
+def test_distill_config_rejects_a_bad_field_when_made(field, value, needle):
+    with pytest.raises(DMMError, match=needle):
+        DistillConfig(**{field: value})

@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from conftest import run_cli, tiny_model, write_npz
 from dmm import checkpoint
 from dmm.bn import aggregate_bn_buffers
-from dmm.data import dirichlet_partition
+from dmm.data import PartitionConfig, dirichlet_partition
 from dmm.data.base import load_dataset
 from dmm.federated import FederatedConfig, TrainConfig, run_federated
 from dmm.flower.client import (
@@ -75,14 +75,16 @@ def _task(npz, regime="fedavg", clients=3, rounds=2, participation=1.0, **extra)
     fed = FederatedConfig(regime=regime, rounds=rounds, participation=participation, seed=0,
                           train=TrainConfig(local_iters=2, batch_size=16, bf16=False,
                                             prox_mu=0.01 if regime == "fedprox" else 0.0))
+    part = PartitionConfig(alpha=0.5, clients=clients, min_size=5, seed=0)
     return ClientTask(dataset="npz", arch="resnet8", arch_kwargs=ARCH, federated=fed.to_dict(),
-                      alpha=0.5, clients=clients, min_size=5, data_root=str(npz), **extra)
+                      partition=part.to_dict(), data_root=str(npz), **extra)
 
 
 def _inprocess(task: ClientTask):
     data = load_dataset("npz", task.data_root)
-    part = dirichlet_partition(data.y_train.numpy(), task.clients, task.alpha, seed=0,
-                               min_size=task.min_size, num_classes=data.num_classes)
+    p = task.partition
+    part = dirichlet_partition(data.y_train.numpy(), p["clients"], p["alpha"], seed=0,
+                               min_size=p["min_size"], num_classes=data.num_classes)
     return run_federated(lambda: create("resnet8", **ARCH), data, part,
                          FederatedConfig.from_dict(task.federated), progress=False)
 

@@ -44,3 +44,33 @@ def test_large_alpha_is_near_uniform_and_tiny_alpha_near_single_class():
 def test_partition_rejects_bad_arguments(kwargs, msg):
     with pytest.raises(DMMError, match=msg):
         dirichlet_partition(LABELS, seed=0, **kwargs)
+
+
+# ---- PartitionConfig: the one owner of alpha, clients, min_size ------------------------------
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"alpha": 0, "clients": 3}, "alpha must be > 0"),
+    ({"alpha": float("inf"), "clients": 3}, "alpha must be a finite number"),
+    ({"alpha": 0.5, "clients": 0}, "clients must be >= 1"),
+    ({"alpha": 0.5, "clients": 3, "min_size": 0}, "min_size must be >= 1"),
+    ({"alpha": 0.5, "clients": "3"}, "clients must be an integer"),
+])
+def test_partition_config_rejects_a_bad_setting_when_made(kw, needle):
+    from dmm.data import PartitionConfig
+
+    with pytest.raises(DMMError, match=needle):
+        PartitionConfig(**kw)
+
+
+def test_partition_config_split_is_the_seeded_dirichlet_partition(tiny_data):
+    from dmm.data import PartitionConfig, dirichlet_partition
+
+    # Prepare
+    cfg = PartitionConfig(alpha=0.3, clients=4, min_size=5, seed=7)
+    # Execute
+    part = cfg.split(tiny_data)
+    ref = dirichlet_partition(tiny_data.y_train.numpy(), 4, 0.3, seed=7, min_size=5,
+                              num_classes=tiny_data.num_classes)
+    # Assert
+    assert all((a == b).all() for a, b in zip(part.indices, ref.indices, strict=True))
+    assert PartitionConfig(**cfg.to_dict()) == cfg

@@ -20,7 +20,8 @@ def _fast_config(**kw):
     return DMMConfig(
         buffer_weights="samples",
         inversion=InversionConfig(n_images=32, batch_size=16, iterations=5, bf16=False),
-        distillation=DistillConfig(steps=3, batch_size=16, gamma=0.0, eta=0.0, bf16=False),
+        distillation=DistillConfig(steps=3, batch_size=16, gamma=0.0, eta=0.0, bf16=False,
+                                   optimizer="adam", lr=1e-3, trainable="all"),
         **kw)
 
 
@@ -82,3 +83,66 @@ def test_merge_and_refine_excludes_divergent_models_from_the_merge(data, experts
     # Assert
     # the outlier is excluded from the parameter merge: what remains is model 0 itself
     torch.testing.assert_close(merged.state_dict()["conv1.weight"], s["conv1.weight"])
+
+
+# ---- DMMConfig owns and checks its settings --------------------------------------------------
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("selection", "nope", "unknown teacher selection"),
+    ("beta", 1.5, "beta must be in"),
+    ("top_k", 0, "top_k must be >= 1"),
+    ("tau", "high", "tau must be a finite number"),
+    ("tau", float("nan"), "tau must be a finite number"),
+    ("distill", 1, "distill must be true or false"),
+    ("buffer_weights", "mean", "buffer_weights"),
+    ("seed", 1.5, "seed must be an integer"),
+])
+def test_dmm_config_rejects_a_bad_field_when_made(field, value, needle):
+    with pytest.raises(DMMError, match=needle):
+        DMMConfig(**{field: value})
+
+
+def test_preset_goes_through_with_overrides():
+    from dmm.pipeline import preset
+
+    # Execute
+    cfg = preset("default", seed=3, distillation={"steps": 7}, inversion={"n_images": 64})
+    # Assert: nested parts update field by field, a typo is an error, so is a bad value
+    assert (cfg.seed, cfg.distillation.steps, cfg.inversion.n_images) == (3, 7, 64)
+    assert cfg.distillation.lr == DistillConfig().lr
+    with pytest.raises(DMMError, match="unknown DMM config keys: distil"):
+        preset("default", distil=True)
+    with pytest.raises(DMMError, match="unknown distillation setting"):
+        preset("default", distillation={"stepz": 1})
+    with pytest.raises(DMMError, match="beta"):
+        preset("paper", beta=-1)
+
+
+def test_one_set_of_distillation_defaults_and_one_ce_weight():
+    from dataclasses import fields
+
+    from dmm.pipeline import preset
+
+    # Assert: DMM's default refinement is DistillConfig's defaults; the CE weight lives there
+    assert DMMConfig().distillation == DistillConfig()
+    assert preset("default").distillation == DistillConfig()
+    assert "ce_weight" not in {f.name for f in fields(DMMConfig)}
+    paper = preset("paper").distillation
+    assert (paper.optimizer, paper.lr, paper.trainable) == ("adam", 1e-3, "all")
+
+
+def test_the_ce_weight_of_the_distillation_config_is_the_one_refine_uses(data, experts):
+    # Prepare: CE on (inversion augmentation on), KD off, weight 0: nothing may move
+    student = trained_model(data, seed=5, steps=10)
+    cfg = _fast_config(distill=False, buffer_aggregation=False)
+    cfg.distillation.ce_weight = 0.0
+    cfg.distillation.grad_clip = None
+    # Execute
+    out, _ = refine(student, experts, cfg, n_samples=[1] * len(experts), input_shape=SHAPE)
+    # Assert
+    for k, v in student.state_dict().items():
+        assert torch.equal(out.state_dict()[k], v), k
+    cfg.distillation.ce_weight = 1.0
+    moved, _ = refine(student, experts, cfg, n_samples=[1] * len(experts), input_shape=SHAPE)
+    assert any(not torch.equal(moved.state_dict()[k], v)
+               for k, v in student.state_dict().items() if v.is_floating_point())

@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 from dmm.pipeline import DMMConfig, merge_and_refine, preset, refine  # noqa: E402
 
+# importing registers the image + text architecture and data sets
+from dmm import multimodal  # noqa: E402, F401  isort: skip
+
 merge = merge_and_refine
 
 __all__ = ["DMMConfig", "__version__", "merge", "preset", "refine"]

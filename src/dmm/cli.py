@@ -201,116 +201,44 @@ def main(argv: list[str] | None = None) -> int:
 # train / evaluate
 # ---------------------------------------------------------------------------------------------
 
-def _load_data(args):
-    from dmm.data import load_dataset
-    return load_dataset(args.dataset, args.data_root, n_train=args.n_train, n_test=args.n_test)
+def _data_config(args):
+    from dmm.jobs import DataConfig
+    return DataConfig(args.dataset, args.data_root, args.n_train, args.n_test)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dmm import checkpoint
-    from dmm.data import dirichlet_partition
-    from dmm.evaluate import evaluate
-    from dmm.federated import FederatedConfig, TrainConfig, run_federated
-    from dmm.io import ensure_writable_dir, provenance, write_json
-    from dmm.models import create
+    from dmm.data import PartitionConfig
+    from dmm.federated import FederatedConfig, TrainConfig
+    from dmm.jobs import TrainJob, train
 
-    if not args.alpha > 0:
-        raise DMMError(f"--alpha must be > 0, got {args.alpha}")
-    if args.clients < 1:
-        raise DMMError(f"--clients must be >= 1, got {args.clients}")
-    if args.min_size < 1:
-        raise DMMError(f"--min-size must be >= 1 (a client without samples cannot train), "
-                       f"got {args.min_size}")
-    train_cfg = TrainConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        local_iters=None if args.local_epochs else args.local_iters,
-        local_epochs=args.local_epochs or 1,
-        prox_mu=args.mu if args.regime == "fedprox" else 0.0, bf16=not args.fp32)
-    cfg = FederatedConfig(regime=args.regime, rounds=args.rounds,
-                          participation=args.participation, seed=args.seed, train=train_cfg,
-                          oneshot_init=args.oneshot_init)
-    cfg.validate()
-    out = ensure_writable_dir(args.out)
-    if args.engine == "flower":  # loaded once: the engine's server side reuses it
-        from dmm.flower import require_flower
-        require_flower()
-        from dmm.flower.client import cached_dataset
-        data = cached_dataset(args.dataset, args.data_root, args.n_train, args.n_test)
-    else:
-        data = _load_data(args)
-    arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
-    if ":" not in args.arch:
-        arch_kwargs["width"] = args.width
-    create(args.arch, **arch_kwargs)  # fail fast on a bad architecture, before any training
-    part = dirichlet_partition(data.y_train.numpy(), args.clients, args.alpha, seed=args.seed,
-                               min_size=args.min_size, num_classes=data.num_classes)
-    if args.engine == "flower":
-        import torch
-
-        from dmm.flower.client import ClientTask
-        from dmm.flower.simulation import run_flower
-        task = ClientTask(dataset=args.dataset, arch=args.arch, arch_kwargs=arch_kwargs,
-                          federated=cfg.to_dict(), alpha=args.alpha, clients=args.clients,
-                          min_size=args.min_size, data_root=args.data_root,
-                          n_train=args.n_train, n_test=args.n_test,
-                          threads=torch.get_num_threads())
-        res, _ = run_flower(task, cpus_per_client=args.cpus_per_client, verbose=args.verbose)
-    else:
-        res = run_federated(lambda: create(args.arch, **arch_kwargs), data, part, cfg)
-
-    meta = checkpoint.data_meta(args.arch, arch_kwargs, data, args.dataset)
-    checkpoint.save(out / "init.safetensors", res.init_state, **meta, n_samples=0)
-    for k, state in enumerate(res.client_states):
-        checkpoint.save(out / f"client_{k:03d}.safetensors", state, **meta,
-                        n_samples=res.n_samples[k], client_id=k)
-    rows = []
-    if res.global_state is not None:
-        checkpoint.save(out / "global.safetensors", res.global_state, **meta,
-                        n_samples=int(sum(res.n_samples)), regime=args.regime)
-        if not args.no_eval:
-            model = create(args.arch, **arch_kwargs)
-            model.load_state_dict(res.global_state)
-            ev = evaluate(model, data.x_test, data.y_test, data.normalize,
-                          num_classes=data.num_classes)
-            rows.append({"model": "global", "accuracy": ev.accuracy, "loss": ev.loss,
-                         "per_class": ev.per_class})
-    write_json(out / "partition.json", part.to_dict())
-    write_json(out / "train.json", {
-        "config": {**cfg.to_dict(), "engine": args.engine, "dataset": args.dataset,
-                   "arch": args.arch,
-                   "arch_kwargs": arch_kwargs, "alpha": args.alpha, "clients": args.clients,
-                   "min_size": args.min_size},
-        "wall_time_s": res.wall_time, "history": res.history, "eval": rows,
-        "provenance": provenance()})
+    fed = FederatedConfig(
+        regime=args.regime, rounds=args.rounds, participation=args.participation, seed=args.seed,
+        oneshot_init=args.oneshot_init, train=TrainConfig(
+            lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, local_iters=None if args.local_epochs else args.local_iters,
+            local_epochs=args.local_epochs or 1, bf16=not args.fp32,
+            prox_mu=args.mu if args.regime == "fedprox" else 0.0))
+    part = PartitionConfig(alpha=args.alpha, clients=args.clients, min_size=args.min_size,
+                           seed=args.seed)
+    job = TrainJob(_data_config(args), part, fed, arch=args.arch, width=args.width,
+                   engine=args.engine, cpus_per_client=args.cpus_per_client,
+                   evaluate=not args.no_eval)
+    out = train(job, args.out, verbose=args.verbose)
     print(f"{args.regime}: {args.clients} clients, alpha {args.alpha}, "
-          f"{res.wall_time:.1f} s; wrote {out}")
-    for r in rows:
+          f"{out.result.wall_time:.1f} s; wrote {out.out}")
+    for r in out.eval:
         print(f"  {r['model']}: accuracy {100 * r['accuracy']:.2f}%  loss {r['loss']:.4f}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dmm import checkpoint
-    from dmm.evaluate import evaluate
-    from dmm.io import write_json
+    from dmm.jobs import evaluate
 
-    ckpts = checkpoint.resolve_inputs(args.checkpoints)
-    data = _load_data(args)
-    rows = []
-    from dmm.validate import validate_checkpoint
-    for ck in ckpts:  # all checked before the first evaluation
-        validate_checkpoint(ck, num_classes=data.num_classes)
-    for ck in ckpts:
-        ev = evaluate(ck.build(), data.x_test, data.y_test, data.normalize,
-                      num_classes=data.num_classes)
-        rows.append({"checkpoint": str(ck.path), **ev.to_dict()})
+    rows = evaluate(args.checkpoints, _data_config(args), json_path=args.json)
     width = max(len(r["checkpoint"]) for r in rows)
     print(f"{'checkpoint':<{width}}  accuracy     loss")
     for r in rows:
         print(f"{r['checkpoint']:<{width}}  {100 * r['accuracy']:7.2f}%  {r['loss']:7.4f}")
-    if args.json:
-        write_json(args.json, {"dataset": args.dataset, "results": rows})
     return 0
 
 
@@ -454,88 +382,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from dmm.divergence import divergence_scores
-    from dmm.io import save_with
-    from dmm.merging import merge_states
-    from dmm.statedict import state_of
+    from dmm.jobs import inspect
 
-    ckpts, modules = _load_group(args.inputs)
-    states = [state_of(m) for m in modules]
-    if args.student:
-        merged = state_of(_load_group([args.student])[1][0])
-    else:
-        w = [ck.meta.get("n_samples") or 1 for ck in ckpts]
-        merged = merge_states(states, "average", model=modules[0], weights=w)
-    rep = divergence_scores(states, merged, modules[0], beta=args.beta, tau=args.tau)
-    names = [Path(c.path).stem for c in ckpts]
-    print(rep.table(names))
-    chart = Path(args.chart) if args.chart else Path(ckpts[0].path).parent / "divergence.png"
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(names) + 2), 3))
-    colors = ["tab:red" if i in rep.selected else "tab:gray" for i in range(len(names))]
-    ax.bar(range(len(names)), rep.score, color=colors)
-    ax.axhline(args.tau, color="k", lw=0.8, ls="--", label=f"tau = {args.tau}")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("divergence score d_k")
-    ax.set_title("divergent teachers in red")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_with(chart, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    print(f"chart: {chart}")
+    out = inspect(args.inputs, student=args.student, beta=args.beta, tau=args.tau,
+                  chart=args.chart)
+    print(out.table())
+    print(f"chart: {out.chart}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dmm.bench import BenchSpec, ResultStore, get_preset, run_bench, write_outputs
-    from dmm.bench.report import check_readme, render_markdown, update_readme
-    from dmm.io import ensure_writable_dir, write_json
+    from dmm.bench.program import bench
 
-    overrides: dict = {}
-    for name in ("dataset", "data_root", "alphas", "seeds", "rows", "rounds", "width", "device"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    overrides = {name: getattr(args, name) for name in ("dataset", "data_root", "alphas",
+                 "seeds", "rows", "rounds", "width", "device") if getattr(args, name) is not None}
     for pair in args.set:
         key, sep, raw = pair.partition("=")
-        if not sep or key not in BenchSpec.__dataclass_fields__:
+        if not sep or not key:
             raise DMMError(f"--set must be KEY=VALUE with a bench setting as KEY, got {pair!r}")
         try:
             overrides[key] = json.loads(raw)
         except json.JSONDecodeError:
             overrides[key] = raw
-    spec = get_preset(args.preset, **overrides)
-    spec.validate()
-    out = Path(args.out or f"benchmarks/results/{spec.dataset}-{args.preset}")
-    section = f"{spec.dataset}-{args.preset}"
-    if args.readme:  # a bad README path fails now, not after hours of work
-        check_readme(Path(args.readme), section)
-    if args.render_only:
-        store = ResultStore(out / "cells.jsonl")
-        if not len(store):
-            raise DMMError(f"{out / 'cells.jsonl'}: no results to render")
-    else:
-        from dmm.bench.runner import load_bench_data, preflight
-        data = load_bench_data(spec)  # a missing or malformed data set fails before any output
-        preflight(spec, data)         # so does a split that cannot be drawn
-        ensure_writable_dir(out)
-        ensure_writable_dir(args.cache_dir)
-        write_json(out / "spec.json", {"preset": args.preset, "spec": spec.to_dict()})
-        t0 = time.perf_counter()
-        store = run_bench(spec, out, args.cache_dir, data=data)
-        print(f"bench finished in {time.perf_counter() - t0:.0f} s of wall time")
-    wanted = {spec.cell_key(c) for c in spec.cells()}
-    records = [r for k, r in store.records.items() if k in wanted]
-    if not records:
-        raise DMMError(f"{out / 'cells.jsonl'} holds no cell of this preset and settings")
-    paths = write_outputs(records, spec, out)
-    table = render_markdown(records, spec)
-    print("\n" + table)
-    if args.readme:
-        update_readme(Path(args.readme), section, table)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    out = bench(args.preset, overrides=overrides, out=args.out, cache_dir=args.cache_dir,
+                render_only=args.render_only, readme=args.readme, report=print)
+    if out.seconds is not None:
+        print(f"bench finished in {out.seconds:.0f} s of wall time")
+    print("\n" + out.table)
+    print("wrote " + ", ".join(str(p) for p in out.paths.values()))
     return 0
 
 

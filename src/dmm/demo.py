@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from dmm.bn import aggregate_bn_buffers
-from dmm.data import dirichlet_partition, load_dataset
+from dmm.data import PartitionConfig
 from dmm.evaluate import evaluate, rare_classes
-from dmm.federated import FederatedConfig, TrainConfig, run_federated
+from dmm.federated import FederatedConfig, TrainConfig
 from dmm.io import ensure_writable_dir, provenance, write_json
+from dmm.jobs import DataConfig, TrainJob, train
 from dmm.models import create
 from dmm.pipeline import preset, refine
 from dmm.statedict import state_of
@@ -39,24 +40,22 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int = ROUNDS, n_train: int | N
              report=print) -> list[dict]:
     """Run the demo; returns the result rows (also written to out/results.json)."""
     out = ensure_writable_dir(out)
-    data = load_dataset("fmnist")
-    if n_train or n_test:
-        data = data.subset(n_train, n_test)
-    part = dirichlet_partition(data.y_train.numpy(), CLIENTS, ALPHA, seed=seed,
-                               num_classes=data.num_classes)
-    rare = rare_classes(part.counts)
-    arch_kwargs = {"width": WIDTH, "num_classes": data.num_classes,
-                   "in_channels": data.in_channels}
-    cfg = FederatedConfig(regime="fedavg", rounds=rounds, seed=seed,
-                          train=TrainConfig(local_iters=LOCAL_ITERS))
+    job = TrainJob(DataConfig("fmnist", n_train=n_train, n_test=n_test),
+                   PartitionConfig(alpha=ALPHA, clients=CLIENTS, seed=seed),
+                   FederatedConfig(regime="fedavg", rounds=rounds, seed=seed,
+                                   train=TrainConfig(local_iters=LOCAL_ITERS)),
+                   arch=ARCH, width=WIDTH, evaluate=False)
+    data = job.data.load()
+    rare = rare_classes(job.partition.split(data).counts)
     report(f"FedAvg: {CLIENTS} clients, alpha {ALPHA}, {rounds} rounds x {LOCAL_ITERS} local "
            f"iterations, {ARCH} width {WIDTH}; rare classes (>= 90% with one client): {rare}")
-    fed = run_federated(lambda: create(ARCH, **arch_kwargs), data, part, cfg)
-    model = create(ARCH, **arch_kwargs)
+    trained = train(job, data=data)
+    fed, part, cfg = trained.result, trained.partition, job.federated
+    model = create(ARCH, **trained.arch_kwargs)
     model.load_state_dict(fed.global_state)
     clients = []
     for s in fed.client_states:
-        c = create(ARCH, **arch_kwargs)
+        c = create(ARCH, **trained.arch_kwargs)
         c.load_state_dict(s)
         clients.append(c.eval())
 

@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmm import inputs as I
+from dmm.config import check_fields
 from dmm.data.augment import random_crop_flip
 from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
@@ -50,10 +51,15 @@ SIGNALS = ("softmax", "agree", "experts")
 
 @dataclass
 class DistillConfig:
+    """The refinement's optimizer and loss terms. These defaults are DMM's (`preset("default")`:
+    head-only SGD at 1e-2 with CE on the pseudo-labels; whole-network updates on pseudo-data
+    collapsed the features on one seed of three, docs/dmm-core.md); the paper preset sets Adam
+    1e-3 on the whole network. Checked when made (`validate`)."""
+
     steps: int = 200               # optimizer steps
     batch_size: int = 128          # pseudo-samples per step
-    lr: float = 1e-3               # step size (see the measured pitfalls: keep it small)
-    optimizer: str = "adam"        # adam | sgd
+    lr: float = 1e-2               # step size (see the measured pitfalls: keep it small)
+    optimizer: str = "sgd"         # adam | sgd
     momentum: float = 0.0          # sgd only
     weight_decay: float = 0.0
     temperature: float = 2.0       # T of Eq. 6
@@ -61,18 +67,23 @@ class DistillConfig:
     eta: float = 0.5               # ... and the student's normalized entropy >= eta
     grad_clip: float | None = 5.0  # max gradient norm, None = off
     kd_weight: float = 1.0         # weight of the Eq. 6 term (0 = no distillation)
-    ce_weight: float = 0.0         # CE on pseudo-labels (inversion augmentation)
+    ce_weight: float = 1.0         # CE on the pseudo-samples' target labels (inversion
+    #                                augmentation); the one CE weight: DMMConfig switches it
     anchor_weight: float = 0.0     # KD to the initial student where no teacher is kept
     teacher_signal: str = "softmax"  # softmax | agree | experts
     update_bn: bool = False        # let the student's BN statistics move
-    trainable: str = "all"         # all | head (only the last linear layer learns)
+    trainable: str = "head"        # all | head (only the last linear layer learns)
     augment: bool = True           # crop (pad 4) + flip on pseudo-images
     bf16: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
+        check_fields(self, "distillation")
         if self.teacher_signal not in SIGNALS:
             raise DMMError(f"unknown teacher signal {self.teacher_signal!r}; choose one of "
                            f"{', '.join(SIGNALS)}")
@@ -84,8 +95,13 @@ class DistillConfig:
             raise DMMError("distillation steps must be >= 0 and batch size >= 1")
         if not 0 <= self.gamma <= 1 or not 0 <= self.eta <= 1:
             raise DMMError(f"gamma and eta must be in [0, 1], got {self.gamma}, {self.eta}")
-        if self.temperature <= 0 or self.lr <= 0:
+        if not self.temperature > 0 or not self.lr > 0:
             raise DMMError("temperature and lr must be > 0")
+        for name in ("momentum", "weight_decay", "kd_weight", "ce_weight", "anchor_weight"):
+            if not getattr(self, name) >= 0:
+                raise DMMError(f"distillation {name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise DMMError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
 
 @dataclass

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 from torch import nn
 
 from dmm.bn import aggregate_bn_buffers
+from dmm.config import check_fields, check_range
 from dmm.distill import DistillConfig, distill
-from dmm.divergence import divergence_scores
+from dmm.divergence import SELECTIONS, divergence_scores
 from dmm.errors import DMMError
 from dmm.merging import merge_states
 from dmm.statedict import StateDict, bn_layers, check_finite, state_of
@@ -34,6 +35,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DMMConfig:
+    """Everything DMM's refinement does, checked when made (`validate`, also after
+    `with_overrides` and at the start of `refine`).
+
+    The ablation switches turn loss terms on and off; their weights live in `distillation`:
+    the CE term (`inversion_augmentation`) weighs `distillation.ce_weight`, the Eq. 6 term
+    (`distill`, and at least one divergent teacher selected) `distillation.kd_weight`.
+    """
+
     buffer_aggregation: bool = True     # pool the teachers' BN statistics into the student
     buffer_weights: str = "counts"      # counts (num_batches_tracked, the paper) | samples (n_k)
     inversion_augmentation: bool = True  # CE on the pseudo-samples' target labels
@@ -43,15 +52,14 @@ class DMMConfig:
     exclude_divergent: bool = False     # merge_and_refine: merge only the non-divergent
     selection: str = "threshold"        # threshold | top_k | all
     tau: float = 0.0                    # threshold on the combined z-score
-    top_k: int = 3
-    beta: float = 0.5                   # weight of parameter vs statistics divergence
-    ce_weight: float = 1.0              # weight of the inversion-augmentation CE term
+    top_k: int = 3                      # selection="top_k": this many teachers
+    beta: float = 0.5                   # weight of parameter vs statistics divergence, in [0, 1]
     inversion: InversionConfig = field(default_factory=lambda: InversionConfig(compile=True))
-    # head-only SGD at 1e-2: whole-network updates on pseudo-data collapsed the features on
-    # one seed of three (docs/dmm-core.md); the head re-balances the classes and stays safe
-    distillation: DistillConfig = field(
-        default_factory=lambda: DistillConfig(optimizer="sgd", lr=1e-2, trainable="head"))
+    distillation: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,13 +71,30 @@ class DMMConfig:
         if unknown:
             raise DMMError(f"unknown DMM config keys: {', '.join(sorted(unknown))}")
         d = dict(d)
-        inv = InversionConfig(**d.pop("inversion", {}))
-        dis = DistillConfig(**d.pop("distillation", {}))
-        return cls(**d, inversion=inv, distillation=dis)
+        parts = {}
+        for name, kind in (("inversion", InversionConfig), ("distillation", DistillConfig)):
+            sub = d.pop(name, {})
+            if not isinstance(sub, dict):
+                raise DMMError(f"DMM config {name} must be an object of {kind.__name__} fields")
+            sub_known = {f.name for f in fields(kind)}
+            bad = sorted(set(sub) - sub_known)
+            if bad:
+                raise DMMError(f"unknown {name} setting(s): {', '.join(bad)}")
+            parts[name] = kind(**sub)
+        return cls(**d, **parts)
 
     def validate(self) -> None:
+        check_fields(self, "DMM config")
         if self.buffer_weights not in ("samples", "counts"):
             raise DMMError(f"buffer_weights must be samples or counts, got {self.buffer_weights}")
+        if self.selection not in SELECTIONS:
+            raise DMMError(f"unknown teacher selection {self.selection!r}; choose one of "
+                           f"{', '.join(SELECTIONS)}")
+        check_range("DMM config", "beta", self.beta, 0, 1)
+        check_range("DMM config", "top_k", self.top_k, lo=1)
+        for name, kind in (("inversion", InversionConfig), ("distillation", DistillConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise DMMError(f"DMM config {name} must be a {kind.__name__}")
         self.inversion.validate()
         self.distillation.validate()
 
@@ -80,13 +105,16 @@ PRESETS = ("paper", "default")
 def preset(name: str, **overrides) -> DMMConfig:
     """Named configurations. `paper`: the paper read literally (inversion against the merged
     model only, softmax teachers, counts as buffer weights). `default`: the configuration that
-    measured best on our protocol (see docs/dmm-core.md and benchmarks/bench_core.py)."""
+    measured best on our protocol (see docs/dmm-core.md and benchmarks/bench_core.py).
+    `overrides` go through `with_overrides`: an unknown name is an error, nested `inversion` /
+    `distillation` dicts update field by field, a config object replaces the whole part."""
     if name == "paper":
         cfg = DMMConfig(buffer_weights="counts", inversion_augmentation=True, distill=True,
                         selection="threshold", tau=0.0,
                         inversion=InversionConfig(mode="merged", compile=True),
                         distillation=DistillConfig(teacher_signal="softmax", optimizer="adam",
-                                                   lr=1e-3, gamma=0.9, eta=0.5))
+                                                   lr=1e-3, trainable="all", gamma=0.9,
+                                                   eta=0.5))
     elif name == "default":
         cfg = DMMConfig()
     else:
@@ -96,12 +124,15 @@ def preset(name: str, **overrides) -> DMMConfig:
 
 def with_overrides(cfg: DMMConfig, overrides: object, where: str) -> DMMConfig:
     """`cfg` with a JSON object of DMMConfig fields applied (nested `inversion` and
-    `distillation` objects update field by field); `where` names the source in errors."""
+    `distillation` objects update field by field; an InversionConfig or DistillConfig replaces
+    the part whole); `where` names the source in errors."""
     if not isinstance(overrides, dict):
         raise DMMError(f"{where}: expected a JSON object of DMMConfig fields")
     merged = cfg.to_dict()
     for k, v in overrides.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+        if isinstance(v, (InversionConfig, DistillConfig)):
+            merged[k] = v.to_dict()
+        elif isinstance(v, dict) and isinstance(merged.get(k), dict):
             merged[k] = {**merged[k], **v}
         else:
             merged[k] = v
@@ -204,8 +235,9 @@ def refine(
         report.inversion["bn_loss"] = _bn_summary(pseudo)
         t2 = time.perf_counter()
         dcfg = copy.deepcopy(cfg.distillation)
+        # the switches turn the terms off; their weights are the distillation config's
         dcfg.kd_weight = dcfg.kd_weight if (cfg.distill and selected) else 0.0
-        dcfg.ce_weight = cfg.ce_weight if cfg.inversion_augmentation else 0.0
+        dcfg.ce_weight = dcfg.ce_weight if cfg.inversion_augmentation else 0.0
         model, drep = distill(model, [teacher_mods[i] for i in selected], pseudo.images,
                               pseudo.labels, dcfg, seed=cfg.seed, progress=progress)
         timings["distill_s"] = time.perf_counter() - t2

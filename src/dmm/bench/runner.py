@@ -27,15 +27,15 @@ from dmm import checkpoint
 from dmm.bench.registry import get_row
 from dmm.bench.spec import BenchSpec, Cell, digest
 from dmm.bench.store import ResultStore
-from dmm.data import dirichlet_partition, load_dataset
+from dmm.data import PartitionConfig, load_dataset
 from dmm.data.base import ImageDataset
 from dmm.errors import DMMError
 from dmm.evaluate import EvalResult, eval_from_logits, evaluate, rare_classes
-from dmm.federated import FederatedConfig, TrainConfig, run_federated
+from dmm.federated import FederatedConfig, TrainConfig
 from dmm.federated.client import train_local
 from dmm.io import provenance
 from dmm.merging import merge_states
-from dmm.models import create
+from dmm.models import arch_kwargs, create
 from dmm.statedict import StateDict, state_of
 from dmm.validate import validate_group
 
@@ -81,12 +81,11 @@ class Group:
                  cache_dir: Path, grids_dir: Path | None) -> None:
         self.spec, self.data, self.alpha, self.k, self.seed = spec, data, alpha, k, seed
         self.cache_dir, self.grids_dir = cache_dir, grids_dir
-        self.arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
-        if ":" not in spec.arch:
-            self.arch_kwargs["width"] = spec.width
-        self.partition = dirichlet_partition(
-            data.y_train.numpy(), k, alpha, seed=seed, min_size=spec.min_size,
-            num_classes=data.num_classes)
+        self.arch_kwargs = arch_kwargs(spec.arch, num_classes=data.num_classes,
+                                       in_channels=data.in_channels, width=spec.width)
+        self.partition_config = PartitionConfig(alpha=alpha, clients=k, min_size=spec.min_size,
+                                                seed=seed)
+        self.partition = self.partition_config.split(data)
         self.rare = rare_classes(self.partition.counts)
         self.input_shape = data.input_shape
         self._trained: dict[str, Trained] = {}
@@ -114,23 +113,27 @@ class Group:
         return self._trained[regime]
 
     def _train(self, regime: str, settings: dict, folder: Path) -> None:
+        from dmm.jobs import DataConfig, TrainJob, save_models, train
+
         spec = self.spec
         tc = TrainConfig(lr=spec.lr, batch_size=spec.batch_size, local_iters=spec.local_iters,
                          prox_mu=spec.mu if regime == "fedprox" else 0.0)
         t0 = time.perf_counter()
         if regime == "central":
             torch.manual_seed(self.seed)
-            model = create(spec.arch, **self.arch_kwargs).to(spec.device)
+            model = self.new_model()
             init = state_of(model)
             tc.local_iters = spec.rounds * spec.local_iters
             train_local(model, self.data.x_train, self.data.y_train, self.data.normalize, tc,
                         generator=torch.Generator().manual_seed(self.seed))
             glob, clients, n = model.state_dict(), [], [len(self.data.y_train)]
         else:
-            cfg = FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed, train=tc)
-            res = run_federated(lambda: create(spec.arch, **self.arch_kwargs).to(spec.device),
-                                self.data,
-                                self.partition, cfg, progress=False)
+            job = TrainJob(DataConfig(spec.dataset, spec.data_root, spec.n_train, spec.n_test),
+                           self.partition_config,
+                           FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed,
+                                           train=tc),
+                           arch=spec.arch, width=spec.width, evaluate=False, device=spec.device)
+            res = train(job, data=self.data, progress=False).result
             init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
                 res.n_samples
         init, clients = state_of(init), [state_of(c) for c in clients]
@@ -140,16 +143,8 @@ class Group:
         tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir(parents=True)
         try:
-            meta = {"arch": spec.arch, "arch_kwargs": self.arch_kwargs,
-                    "classes": self.data.classes, "input_mean": list(self.data.mean),
-                    "input_std": list(self.data.std), "input_size": list(self.input_shape)}
-            checkpoint.save(tmp / "init.safetensors", init, **meta, n_samples=0)
-            if glob is not None:
-                checkpoint.save(tmp / "global.safetensors", glob, **meta,
-                                n_samples=int(sum(n)), regime=regime)
-            for i, s in enumerate(clients):
-                checkpoint.save(tmp / f"client_{i:03d}.safetensors", s, **meta,
-                                n_samples=n[i], client_id=i)
+            meta = checkpoint.data_meta(spec.arch, self.arch_kwargs, self.data, spec.dataset)
+            save_models(tmp, init, glob, clients, n, meta, regime=regime)
             (tmp / "meta.json").write_text(json.dumps(
                 {"settings": settings, "wall_time_s": wall, "n_samples": list(n),
                  "label_counts": self.partition.counts.tolist(), "provenance": provenance()},
@@ -215,8 +210,7 @@ def preflight(spec: BenchSpec, data: ImageDataset) -> None:
     """Fail before any output on what the grid would hit later: every split must be drawable
     and DENSE needs an input size divisible by 4."""
     for a, k, s in sorted({(c.alpha, c.k, c.seed) for c in spec.cells()}):
-        dirichlet_partition(data.y_train.numpy(), k, a, seed=s, min_size=spec.min_size,
-                            num_classes=data.num_classes)
+        PartitionConfig(alpha=a, clients=k, min_size=spec.min_size, seed=s).split(data)
     if "dense" in spec.rows:
         h, w = data.input_shape[-2:]
         if h % 4 or w % 4:

@@ -189,6 +189,10 @@ PRESETS: dict[str, BenchSpec] = {
 def get_preset(name: str, **overrides) -> BenchSpec:
     if name not in PRESETS:
         raise DMMError(f"unknown bench preset {name!r}; choose one of {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - set(BenchSpec.__dataclass_fields__))
+    if unknown:
+        raise DMMError(f"unknown bench setting(s) {', '.join(unknown)} (--set KEY=VALUE takes "
+                       f"a field of dmm.bench.BenchSpec)")
     spec = replace(PRESETS[name], **overrides)
     if spec.dataset in PAIR_DATASETS:  # image + text: the model and the rows that apply
         if "arch" not in overrides:

@@ -84,7 +84,6 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
 
 
 def available_datasets() -> list[str]:
-    _ensure_builtin()
     return sorted(_REGISTRY)
 
 
@@ -92,7 +91,6 @@ def load_dataset(name: str, root: str | Path | None = None, *, n_train: int | No
                  n_test: int | None = None) -> ImageDataset:
     """Load a registered dataset; `root` is the data folder (None: the dataset's default);
     `n_train` / `n_test` keep only the first samples of each split (quick runs)."""
-    _ensure_builtin()
     if name not in _REGISTRY:
         raise DMMError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
     if root is not None:
@@ -102,8 +100,3 @@ def load_dataset(name: str, root: str | Path | None = None, *, n_train: int | No
     data = _REGISTRY[name](root)
     return data.subset(n_train, n_test) if (n_train or n_test) else data
 
-
-def _ensure_builtin() -> None:
-    # Importing registers; done lazily so `dmm.data.base` has no import cycle.
-    from dmm.data import cifar, fmnist, npz  # noqa: F401
-    from dmm.multimodal import data  # noqa: F401  (emoji-mm, crisismmd)

@@ -7,11 +7,44 @@ arXiv:1909.06335; the same recipe as the DMM authors' harness).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dmm.config import check_fields
 from dmm.errors import DMMError
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training data are split over the clients: Dirichlet `alpha` over classes,
+    `clients` parts of at least `min_size` samples, drawn from `seed`. Checked when made; the
+    one owner of these settings for `dmm train`, the bench and the Flower clients."""
+
+    alpha: float
+    clients: int
+    min_size: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "partition")
+        if not self.alpha > 0:
+            raise DMMError(f"alpha must be > 0, got {self.alpha}")
+        if self.clients < 1:
+            raise DMMError(f"clients must be >= 1, got {self.clients}")
+        if self.min_size < 1:
+            raise DMMError(f"min_size must be >= 1 (a client without samples cannot train), "
+                           f"got {self.min_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def split(self, data) -> Partition:
+        """The partition of `data`'s training labels (an ImageDataset or any object with
+        `y_train` and `num_classes`)."""
+        return dirichlet_partition(np.asarray(data.y_train), self.clients, self.alpha,
+                                   seed=self.seed, min_size=self.min_size,
+                                   num_classes=data.num_classes)
 
 
 @dataclass

@@ -39,13 +39,15 @@ class ClientTask:
     arch: str
     arch_kwargs: dict
     federated: dict                    # FederatedConfig.to_dict()
-    alpha: float
-    clients: int
-    min_size: int = 10
+    partition: dict                    # PartitionConfig.to_dict() (its seed: the run's seed)
     data_root: str | None = None
     n_train: int | None = None
     n_test: int | None = None
     threads: int = 0                   # torch threads per client (0: leave torch's default)
+
+    @property
+    def clients(self) -> int:
+        return int(self.partition["clients"])
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -62,14 +64,11 @@ def cached_dataset(name: str, root: str | None, n_train: int | None, n_test: int
 @lru_cache(maxsize=4)
 def _task_data(key: str):
     """(data, partition) for a task, once per worker process."""
-    from dmm.data import dirichlet_partition
+    from dmm.data import PartitionConfig
 
     t = json.loads(key)
     data = cached_dataset(t["dataset"], t["data_root"], t["n_train"], t["n_test"])
-    part = dirichlet_partition(data.y_train.numpy(), t["clients"], t["alpha"],
-                               seed=t["federated"]["seed"], min_size=t["min_size"],
-                               num_classes=data.num_classes)
-    return data, part
+    return data, PartitionConfig(**t["partition"]).split(data)
 
 
 def task_data(task: ClientTask):
@@ -154,8 +153,10 @@ def task_from_run_config(run_config: dict) -> ClientTask:
 @lru_cache(maxsize=4)
 def _task_from_json(key: str) -> ClientTask:
     run_config = json.loads(key)
+    from dmm.data import PartitionConfig
     from dmm.errors import DMMError
     from dmm.federated import FederatedConfig, TrainConfig
+    from dmm.models import arch_kwargs
 
     unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS) - set(SERVER_KEYS))
     if unknown:
@@ -171,11 +172,11 @@ def _task_from_json(key: str) -> ClientTask:
                           participation=float(c["participation"]), seed=int(c["seed"]),
                           train=train)
     fed.validate()
-    arch_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
-    if ":" not in c["arch"]:  # the built-in ResNets take a width; a user's module may not
-        arch_kwargs["width"] = float(c["width"])
-    return ClientTask(dataset=c["dataset"], arch=c["arch"], arch_kwargs=arch_kwargs,
-                      federated=fed.to_dict(), alpha=float(c["alpha"]),
-                      clients=int(c["clients"]), min_size=int(c["min-size"]),
+    part = PartitionConfig(alpha=float(c["alpha"]), clients=int(c["clients"]),
+                           min_size=int(c["min-size"]), seed=fed.seed)
+    kw = arch_kwargs(c["arch"], num_classes=data.num_classes, in_channels=data.in_channels,
+                     width=float(c["width"]))
+    return ClientTask(dataset=c["dataset"], arch=c["arch"], arch_kwargs=kw,
+                      federated=fed.to_dict(), partition=part.to_dict(),
                       data_root=c["data-root"] or None, n_train=int(c["n-train"]) or None,
                       n_test=int(c["n-test"]) or None, threads=int(c["threads"]))

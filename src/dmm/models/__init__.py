@@ -1,5 +1,13 @@
 """Architectures: a registry keyed by name, plus users' own classes as `package.module:Class`."""
 
-from dmm.models.registry import available_architectures, create, register_architecture
+from dmm.models.registry import (
+    arch_kwargs,
+    available_architectures,
+    create,
+    register_architecture,
+)
 
-__all__ = ["available_architectures", "create", "register_architecture"]
+# importing registers the built-in ResNets (the image + text model registers from dmm.multimodal)
+from dmm.models import resnet  # noqa: E402, F401  isort: skip
+
+__all__ = ["arch_kwargs", "available_architectures", "create", "register_architecture"]

@@ -23,8 +23,18 @@ def register_architecture(name: str) -> Callable:
 
 
 def available_architectures() -> list[str]:
-    _ensure_builtin()
     return sorted(_REGISTRY)
+
+
+def arch_kwargs(arch: str, *, num_classes: int, in_channels: int,
+                width: float | None = None) -> dict:
+    """The keyword arguments dmm builds `arch` with for a data set: its number of classes and
+    input channels, and the channel width for the built-in architectures (a user's class,
+    `package.module:Class`, is not assumed to take one)."""
+    kw = {"num_classes": int(num_classes), "in_channels": int(in_channels)}
+    if ":" not in arch and width is not None:
+        kw["width"] = width
+    return kw
 
 
 def create(arch: str, **kwargs) -> nn.Module:
@@ -33,7 +43,6 @@ def create(arch: str, **kwargs) -> nn.Module:
     A user's class is constructed with the same keyword arguments (typically `num_classes`,
     `in_channels`); arguments it does not accept are an error, not silently dropped.
     """
-    _ensure_builtin()
     if arch in _REGISTRY:
         try:
             return _REGISTRY[arch](**kwargs)
@@ -81,7 +90,3 @@ def check_trusted(arch: str, where: str) -> None:
     raise DMMError(f"{where}: names the architecture {arch!r}; importing module {module!r} "
                    f"would run its code. If you trust it, set DMM_TRUST_MODULES={module}")
 
-
-def _ensure_builtin() -> None:
-    from dmm.models import resnet  # noqa: F401
-    from dmm.multimodal import model  # noqa: F401

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmm.config import check_fields, check_range
 from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
 from dmm.synth.hooks import BNStatLoss, Stats, running_stats
@@ -61,10 +62,19 @@ class InversionConfig:
     teacher_labels: str = "prediction"  # ensemble: prediction | balanced
     merged_share: float = 0.5      # ensemble: fraction of images inverted on the merged model
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
+        check_fields(self, "inversion")
+        for name in ("bn_weight", "first_bn_multiplier", "ce_weight", "tv_weight", "l2_weight",
+                     "jitter"):
+            check_range("inversion", name, getattr(self, name), lo=0)
+        if not self.lr > 0:
+            raise DMMError(f"inversion lr must be > 0, got {self.lr}")
         if self.mode not in MODES:
             raise DMMError(f"unknown inversion mode {self.mode!r}; choose {' or '.join(MODES)}")
         if self.teacher_labels not in ("prediction", "balanced"):
