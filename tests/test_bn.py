@@ -19,24 +19,18 @@ def test_pooled_bn_statistics_of_random_splits_equal_union(seed):
         torch.randn(8, generator=g) * 3
     k = int(torch.randint(2, 7, (1,), generator=g))
     cuts = sorted(torch.randperm(499, generator=g)[: k - 1].add(1).tolist())
-    parts = torch.tensor_split(x, cuts)
-    # Execute
-    mu, var, n = pooled_bn_statistics([p.mean(0) for p in parts],
-                                      [p.var(0, unbiased=False) for p in parts],
-                                      [len(p) for p in parts])
-    # Assert
-    torch.testing.assert_close(mu, x.mean(0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(var, x.var(0, unbiased=False), atol=1e-5, rtol=0)
-    assert n == 500
-    # a fixed split with a one-row part, which random cuts almost never produce (merged from
-    # the former duplicate test_federated.py::test_pooled_statistics_equal_union_statistics)
-    parts = torch.tensor_split(x, [37, 400, 401])  # sizes 37, 363, 1, 99
-    mu, var, n = pooled_bn_statistics([p.mean(0) for p in parts],
-                                      [p.var(0, unbiased=False) for p in parts],
-                                      [len(p) for p in parts])
-    torch.testing.assert_close(mu, x.mean(0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(var, x.var(0, unbiased=False), atol=1e-5, rtol=0)
-    assert n == 500
+    # the random cuts, and a fixed split with a one-row part, which random cuts almost never
+    # produce (merged from the former duplicate in test_federated.py)
+    for split in (cuts, [37, 400, 401]):  # the fixed one: sizes 37, 363, 1, 99
+        parts = torch.tensor_split(x, split)
+        # Execute
+        mu, var, n = pooled_bn_statistics([p.mean(0) for p in parts],
+                                          [p.var(0, unbiased=False) for p in parts],
+                                          [len(p) for p in parts])
+        # Assert
+        torch.testing.assert_close(mu, x.mean(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(var, x.var(0, unbiased=False), atol=1e-5, rtol=0)
+        assert n == 500
 
 
 def test_buffer_aggregation_of_models_equals_stats_of_union(data):

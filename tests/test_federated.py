@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -66,3 +67,16 @@ def test_fedbn_global_pools_statistics_of_identical_models_to_themselves():
     agg = aggregate_bn_buffers([s, s], m)
     torch.testing.assert_close(agg["bn1.running_mean"], s["bn1.running_mean"])
     assert np.isclose(float(agg["bn1.running_var"].sum()), float(s["bn1.running_var"].sum()))
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"rounds": 0}, "rounds must be >= 1"), ({"regime": "fedsgd"}, "unknown regime"),
+    ({"participation": 1.5}, "participation"), ({"regime": "fedprox"}, "mu > 0"),
+    ({"seed": "0"}, "seed must be an integer"),
+])
+def test_federated_config_rejects_a_bad_setting_when_made(kw, needle):
+    from dmm.errors import DMMError
+    from dmm.federated import FederatedConfig
+
+    with pytest.raises(DMMError, match=needle):
+        FederatedConfig(**kw)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmm import inputs as I
+from dmm.config import check_fields
 from dmm.data.augment import random_crop_flip
 from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
@@ -35,10 +36,19 @@ class TrainConfig:
     bf16: bool = True              # bf16 autocast + channels_last
     grad_clip: float | None = None  # max gradient norm, None = off
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
+        check_fields(self, "training")
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise DMMError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise DMMError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.lr <= 0:
             raise DMMError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:

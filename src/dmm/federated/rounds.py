@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmm import inputs as I
+from dmm.config import check_fields
 from dmm.data.base import ImageDataset
 from dmm.data.partition import Partition
 from dmm.errors import DMMError
@@ -42,14 +43,23 @@ class FederatedConfig:
     oneshot_init: str = "shared"   # one-shot: shared seeded init | independent init per client
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> FederatedConfig:
-        return cls(**{**d, "train": TrainConfig(**d["train"])})
+        try:
+            return cls(**{**d, "train": TrainConfig(**d["train"])})
+        except TypeError as e:  # an unknown or missing field
+            raise DMMError(f"federated config: {e}") from e
 
     def validate(self) -> None:
+        check_fields(self, "federated")
+        if not isinstance(self.train, TrainConfig):
+            raise DMMError("federated train must be a TrainConfig")
         if self.regime not in REGIMES:
             raise DMMError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
         if self.oneshot_init not in ("shared", "independent"):
