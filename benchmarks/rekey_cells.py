@@ -9,6 +9,8 @@ Rules (each a change of form, not of computation):
 - 2026-12 (issue "one owner"): the CE weight of DMM's refinement had two fields,
   `DMMConfig.ce_weight` (used) and `DistillConfig.ce_weight` (overwritten by refine, so unused).
   There is one now, `distillation.ce_weight`: the old top-level value moves there.
+- 2026-12 (issue "transfer"): `distillation.hard_weight` added; 0.0 (no hard-sample emphasis)
+  computes exactly what was computed before it existed.
 
     .venv/bin/python benchmarks/rekey_cells.py benchmarks/results/fmnist-paper [...]
 """
@@ -29,6 +31,8 @@ def translate(settings: dict) -> dict:
     d = s.get("row_config", {}).get("dmm")
     if d is not None and "ce_weight" in d:
         d["distillation"]["ce_weight"] = d.pop("ce_weight")
+    if d is not None:
+        d["distillation"].setdefault("hard_weight", 0.0)
     return s
 
 

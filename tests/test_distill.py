@@ -83,3 +83,86 @@ def test_distillation_moves_student_toward_teacher(data, experts):
 def test_distill_config_rejects_a_bad_field_when_made(field, value, needle):
     with pytest.raises(DMMError, match=needle):
         DistillConfig(**{field: value})
+
+
+# ---- class-routed targets (FedFTG / FedGen's class-level ensemble) ---------------------------
+
+def test_routing_gives_no_weight_to_a_teacher_without_the_class():
+    from dmm.distill import routed_log_targets
+
+    # Prepare: teacher 1 holds no sample of class 2
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(3, 12, 4, generator=g) * 3
+    y = torch.tensor([2, 0, 1, 2, 3, 2, 0, 1, 3, 2, 1, 0])
+    counts = torch.tensor([[5, 0, 9, 1], [7, 3, 0, 0], [0, 4, 2, 0]])
+    fallback = torch.randn(12, 4, generator=g)
+    # Execute
+    log_a, held = routed_log_targets(t, y, counts, fallback, 2.0)
+    t2 = t.clone()
+    t2[1] = torch.randn(12, 4, generator=g) * 10     # change the teacher without class 2
+    log_b, _ = routed_log_targets(t2, y, counts, fallback, 2.0)
+    # Assert: class-2 targets do not move; the mixture has the label-count weights; class 3 is
+    # held by teacher 0 alone, so its target is that teacher's own log-probabilities
+    c2 = y == 2
+    assert torch.equal(log_a[c2], log_b[c2]) and not torch.allclose(log_a[~c2], log_b[~c2])
+    p = torch.softmax(t / 2.0, 2)
+    b = 1  # class 0: weights 5/12 and 7/12
+    torch.testing.assert_close(log_a[b].exp(), (5 * p[0, b] + 7 * p[1, b]) / 12)
+    c3 = y == 3
+    assert torch.equal(log_a[c3], torch.log_softmax(t[0, c3] / 2.0, 1))
+    assert held.all()
+    # a class no teacher holds falls back to the student
+    counts0 = counts.clone()
+    counts0[:, 3] = 0
+    log_c, held_c = routed_log_targets(t, y, counts0, fallback, 2.0)
+    assert torch.equal(held_c, y != 3)
+    assert torch.equal(log_c[c3], torch.log_softmax(fallback[c3] / 2.0, 1))
+
+
+def _routed_cfg(**kw):
+    return DistillConfig(steps=6, batch_size=32, lr=1e-3, optimizer="adam", trainable="all",
+                         gamma=0.0, eta=0.0, bf16=False, augment=False, ce_weight=0.0,
+                         teacher_signal="routed", temperature=4.0, **kw)
+
+
+def test_k_identical_teachers_give_the_same_routed_refinement_as_one(data, experts):
+    # Prepare
+    student = trained_model(data, seed=9, steps=2)
+    images = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(64) % 4
+    t = experts[0]
+    # Execute: one teacher holding every class; three copies splitting the counts
+    one, _ = distill(copy.deepcopy(student), [t], images, labels, _routed_cfg(),
+                     label_counts=torch.tensor([[9, 9, 9, 9]]))
+    three, _ = distill(copy.deepcopy(student), [copy.deepcopy(t) for _ in range(3)], images,
+                       labels, _routed_cfg(),
+                       label_counts=torch.tensor([[3, 1, 5, 9], [3, 4, 2, 0], [3, 4, 2, 0]]))
+    # Assert
+    x = data.normalize(data.x_test[:32])
+    torch.testing.assert_close(three.eval()(x), one.eval()(x), atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(one(x), student.eval()(x), atol=1e-3)
+
+
+def test_a_routed_teacher_identical_to_the_student_leaves_its_outputs_unchanged(data):
+    # Prepare
+    m = trained_model(data)
+    x = data.normalize(data.x_test[:32])
+    before = m(x).detach()
+    images = torch.randn(64, *SHAPE)
+    labels = torch.arange(64) % 4
+    # Execute: the teacher holds classes 0-2; class 3 falls back to the (identical) student
+    out, rep = distill(m, [copy.deepcopy(m)], images, labels, _routed_cfg(hard_weight=2.0),
+                       label_counts=torch.tensor([[4, 4, 4, 0]]))
+    # Assert
+    torch.testing.assert_close(out.eval()(x), before, atol=1e-5, rtol=0)
+    # the teacher counts only for the drawn samples of its classes (3 of 4 classes)
+    assert 0.5 < rep.kept_fraction[0] < 0.9
+
+
+def test_routed_needs_label_counts_of_every_teacher(data, experts):
+    images, labels = torch.randn(8, *SHAPE), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(DMMError, match="label counts"):
+        distill(trained_model(data, steps=1), experts[:2], images, labels, _routed_cfg())
+    with pytest.raises(DMMError, match="teachers, classes"):
+        distill(trained_model(data, steps=1), experts[:2], images, labels, _routed_cfg(),
+                label_counts=torch.ones(3, 4))

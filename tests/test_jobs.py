@@ -38,6 +38,10 @@ def test_train_evaluate_inspect_as_library_calls(tmp_path):
     saved = json.loads((tmp_path / "run" / "train.json").read_text())
     assert (saved["config"]["alpha"], saved["config"]["clients"]) == (0.5, 3)
     assert out.meta["dataset"] == "npz" and out.meta["input_size"] == [1, 16, 16]
+    from dmm import checkpoint
+    clients = checkpoint.load_dir(tmp_path / "run")
+    assert [c.label_counts for c in clients] == out.partition.counts.tolist()
+    assert [sum(c.label_counts) for c in clients] == [c.n_samples for c in clients]
     assert rows[0]["accuracy"] == pytest.approx(out.eval[0]["accuracy"])
     assert json.loads((tmp_path / "eval.json").read_text())["results"] == rows
     assert div.names == ["client_000", "client_001", "client_002"]

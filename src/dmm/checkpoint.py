@@ -1,7 +1,8 @@
 """Checkpoints: safetensors with a JSON metadata header. Loading never unpickles anything.
 
-Metadata (all optional but `arch`): arch, arch_kwargs, classes, n_samples, client_id, plus any
-extra JSON-serializable fields. `num_batches_tracked` is stored like every other tensor.
+Metadata (all optional but `arch`): arch, arch_kwargs, classes, n_samples, client_id,
+label_counts (the client's training samples per class, written by `dmm train` and the bench),
+plus any extra JSON-serializable fields. `num_batches_tracked` is stored like every other tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ class Checkpoint:
     @property
     def n_samples(self) -> int | None:
         return self.meta.get("n_samples")
+
+    @property
+    def label_counts(self) -> list[int] | None:
+        """Training samples per class behind the model (metadata `label_counts`), or None.
+        The metadata is untrusted: anything but non-negative integers is an error."""
+        c = self.meta.get("label_counts")
+        if c is None:
+            return None
+        if not (isinstance(c, list) and c and all(isinstance(x, int) and not isinstance(x, bool)
+                                                  and x >= 0 for x in c)):
+            raise DMMError(f"{self.path or 'checkpoint'}: metadata label_counts must be a list "
+                           f"of non-negative integers, got {str(c)[:80]}")
+        return c
 
     def new_model(self) -> nn.Module:
         """A fresh model of the architecture the metadata names. The metadata is untrusted:

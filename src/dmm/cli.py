@@ -414,25 +414,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dmm import checkpoint
-    from dmm.validate import validate_checkpoint
+    from dmm.jobs import convert
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise DMMError(f"--out must end in .safetensors, got {out}")
     try:
         kwargs = json.loads(args.arch_kwargs)
     except json.JSONDecodeError as e:
         raise DMMError(f"--arch-kwargs is not JSON ({e})") from e
-    if not isinstance(kwargs, dict):
-        raise DMMError("--arch-kwargs must be a JSON object")
-    meta = {"arch": args.arch, "arch_kwargs": kwargs}
-    if args.n_samples:
-        meta["n_samples"] = args.n_samples
-    ck = checkpoint.import_pt(args.input, **meta)
-    validate_checkpoint(ck)
-    checkpoint.save(out, ck.state, **meta, source=str(args.input))
-    print(f"{args.input} -> {out} ({len(ck.state)} tensors, {args.arch})")
+    ck = convert(args.input, args.out, arch=args.arch, arch_kwargs=kwargs,
+                 n_samples=args.n_samples)
+    print(f"{args.input} -> {args.out} ({len(ck.state)} tensors, {args.arch})")
     return 0
 
 

@@ -15,6 +15,12 @@ Teacher signals (`teacher_signal`):
 - `softmax` (the paper): every selected teacher's own softmax.
 - `agree`: a teacher counts for a sample only where its argmax equals the class the sample was
   synthesized for.
+- `routed` (FedFTG's and FedGen's class-level ensemble): for a pseudo-sample synthesized for
+  class y, teacher k's softmax counts with weight n_k^y / sum_j n_j^y, its share of the training
+  samples of class y (`label_counts`, from the checkpoints' metadata or estimated); where no
+  teacher holds y, the initial student's softmax is the target. A one-class client then teaches
+  only its class. The mixture is formed in log space, so one teacher with all the weight gives
+  exactly its own log-probabilities.
 - `experts`: one calibrated teacher built from all selected teachers, data-free. Each teacher
   owns the class it predicts most often on the pseudo-data; its logit for that class is
   standardized over the pseudo-data; the score of class c is the largest standardized logit of
@@ -46,7 +52,7 @@ from dmm.errors import DMMError
 from dmm.evaluate import autocast, model_device
 
 log = logging.getLogger(__name__)
-SIGNALS = ("softmax", "agree", "experts")
+SIGNALS = ("softmax", "agree", "experts", "routed")
 
 
 @dataclass
@@ -70,7 +76,9 @@ class DistillConfig:
     ce_weight: float = 1.0         # CE on the pseudo-samples' target labels (inversion
     #                                augmentation); the one CE weight: DMMConfig switches it
     anchor_weight: float = 0.0     # KD to the initial student where no teacher is kept
-    teacher_signal: str = "softmax"  # softmax | agree | experts
+    hard_weight: float = 0.0       # extra KD weight on samples whose student argmax differs
+    #                                from the target's (hard-sample emphasis, FedFTG)
+    teacher_signal: str = "softmax"  # softmax | agree | experts | routed
     update_bn: bool = False        # let the student's BN statistics move
     trainable: str = "head"        # all | head (only the last linear layer learns)
     augment: bool = True           # crop (pad 4) + flip on pseudo-images
@@ -97,7 +105,8 @@ class DistillConfig:
             raise DMMError(f"gamma and eta must be in [0, 1], got {self.gamma}, {self.eta}")
         if not self.temperature > 0 or not self.lr > 0:
             raise DMMError("temperature and lr must be > 0")
-        for name in ("momentum", "weight_decay", "kd_weight", "ce_weight", "anchor_weight"):
+        for name in ("momentum", "weight_decay", "kd_weight", "ce_weight", "anchor_weight",
+                     "hard_weight"):
             if not getattr(self, name) >= 0:
                 raise DMMError(f"distillation {name} must be >= 0, got {getattr(self, name)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -130,17 +139,61 @@ def selection_mask(teacher_logits: torch.Tensor, student_logits: torch.Tensor, g
 
 
 def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
-            temperature: float) -> torch.Tensor:
+            temperature: float, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """T^2 * KL(p_T || p_S) averaged over the kept (teacher, sample) pairs (Eq. 6).
 
     teacher_logits (J, B, C), student_logits (B, C), mask (J, B). Zero if nothing is kept.
+    `sample_weight` (B,) weighs each sample's pairs (hard-sample emphasis); None: all 1.
     """
+    log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=2)
+    return kl_to_log_targets(log_pt, student_logits, mask, temperature, sample_weight)
+
+
+def kl_to_log_targets(log_pt: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
+                      temperature: float, sample_weight: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """T^2 * KL(p || p_S) for targets given as log-probabilities `log_pt` (J, B, C) (already at
+    temperature T), averaged over the kept pairs, each pair weighted by its sample's weight."""
     t = temperature
     log_ps = F.log_softmax(student_logits.float() / t, dim=1).unsqueeze(0)
-    log_pt = F.log_softmax(teacher_logits.float() / t, dim=2)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(2)  # (J, B)
     kept = mask.float()
-    return t * t * (kl * kept).sum() / kept.sum().clamp_min(1.0)
+    if sample_weight is not None:
+        kept = kept * sample_weight.unsqueeze(0)
+    return t * t * (kl * kept).sum() / mask.float().sum().clamp_min(1.0)
+
+
+def routed_log_targets(teacher_logits: torch.Tensor, labels: torch.Tensor,
+                       label_counts: torch.Tensor, fallback_logits: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-routed targets (FedFTG / FedGen): log of sum_k w_k(y_b) softmax(T_k(x_b) / T) with
+    w_k(y) = n_k^y / sum_j n_j^y, and log softmax(fallback(x_b) / T) where no teacher holds
+    y_b. teacher_logits (J, B, C), labels (B,), label_counts (J, C), fallback_logits (B, C).
+    Returns the (B, C) log-targets and the (B,) mask of samples some teacher holds."""
+    counts = label_counts.to(teacher_logits.device).float()
+    w = counts[:, labels]                                   # (J, B)
+    total = w.sum(0)                                        # (B,)
+    held = total > 0
+    log_w = torch.log(w / total.clamp_min(1e-12))           # -inf where a teacher lacks y
+    log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=2)  # (J, B, C)
+    mixed = torch.logsumexp(log_w.unsqueeze(2) + log_pt, dim=0)          # (B, C)
+    fallback = F.log_softmax(fallback_logits.float() / temperature, dim=1)
+    return torch.where(held.unsqueeze(1), mixed, fallback), held
+
+
+@torch.no_grad()
+def estimate_label_counts(teachers: list[nn.Module], pseudo, n_samples, *,
+                          sources: list[int] | None = None, bf16: bool = True) -> torch.Tensor:
+    """Data-free estimate of each teacher's label histogram: n_k times its mean softmax over
+    the pseudo-images of its own domain (inverted against its own statistics, `pseudo.source
+    == sources[k]`), or over all pseudo-images when it has none. (J, C), float."""
+    out = []
+    for j, t in enumerate(teachers):
+        own = pseudo.source == (sources[j] if sources is not None else j)
+        x = I.take(pseudo.images, own.nonzero().flatten()) if own.any() else pseudo.images
+        p = F.softmax(_logits(t, x, bf16), 1).mean(0)
+        out.append(p * float(n_samples[j]))
+    return torch.stack(out)
 
 
 @torch.no_grad()
@@ -189,15 +242,25 @@ def distill(
     labels: torch.Tensor,
     cfg: DistillConfig,
     *,
+    label_counts: torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[nn.Module, DistillReport]:
     """Refine `student` in place on pseudo-data (images, target labels); returns it and a report.
 
     With no teachers (or kd_weight 0) only the CE and anchor terms act. `images` may be a
-    tuple (images, side inputs...) for multi-input models (`dmm.inputs`).
+    tuple (images, side inputs...) for multi-input models (`dmm.inputs`). `label_counts`
+    (J, C), the teachers' training samples per class, is what the `routed` signal weighs by.
     """
     cfg.validate()
+    routed = bool(teachers) and cfg.kd_weight > 0 and cfg.teacher_signal == "routed"
+    if routed:
+        if label_counts is None:
+            raise DMMError("the routed teacher signal needs the teachers' label counts")
+        label_counts = torch.as_tensor(label_counts)
+        if label_counts.ndim != 2 or label_counts.shape[0] != len(teachers):
+            raise DMMError(f"label counts must be (teachers, classes) = ({len(teachers)}, C), "
+                           f"got {tuple(label_counts.shape)}")
     g = torch.Generator().manual_seed(seed)
     report = DistillReport(kept_fraction=[0.0] * len(teachers))
     if cfg.steps == 0 or I.count(images) == 0:
@@ -205,7 +268,8 @@ def distill(
     t0 = time.perf_counter()
     use_kd = bool(teachers) and cfg.kd_weight > 0
     initial = copy.deepcopy(student).eval() if (
-        cfg.anchor_weight > 0 or (use_kd and cfg.teacher_signal == "experts")) else None
+        cfg.anchor_weight > 0 or (use_kd and cfg.teacher_signal in ("experts", "routed"))
+    ) else None
     experts = None
     if use_kd and cfg.teacher_signal == "experts":
         all_t = torch.stack([_logits(t, images, cfg.bf16) for t in teachers])
@@ -250,17 +314,38 @@ def distill(
         if use_kd:
             with torch.no_grad(), autocast(cfg.bf16, ac):
                 t_logits = torch.stack([t(*xa).float() for t in teachers])  # (J, B, C)
-            if experts is not None:
+            if experts is not None or routed:
                 with torch.no_grad(), autocast(cfg.bf16, ac):
                     s0 = initial(*xa).float()
+            if experts is not None:
                 t_logits = experts.scores(t_logits, s0).unsqueeze(0)
-            mask = selection_mask(t_logits, s_logits.detach(), cfg.gamma, cfg.eta)
-            if cfg.teacher_signal == "agree":
-                mask &= t_logits.argmax(2) == y.unsqueeze(0)
-            loss = loss + cfg.kd_weight * kd_loss(t_logits, s_logits, mask, cfg.temperature)
+            if routed:
+                log_t, _ = routed_log_targets(t_logits, y, label_counts, s0, cfg.temperature)
+                log_t = log_t.unsqueeze(0)                                   # (1, B, C)
+                conf = log_t.exp().amax(2) >= cfg.gamma
+                mask = conf & (normalized_entropy(s_logits.detach()) >= cfg.eta).unsqueeze(0)
+                target_arg = log_t[0].argmax(1)
+            else:
+                mask = selection_mask(t_logits, s_logits.detach(), cfg.gamma, cfg.eta)
+                if cfg.teacher_signal == "agree":
+                    mask &= t_logits.argmax(2) == y.unsqueeze(0)
+                target_arg = t_logits.mean(0).argmax(1)
+            weight = None
+            if cfg.hard_weight > 0:  # emphasize where the student and the target disagree
+                hard = (s_logits.detach().argmax(1) != target_arg).float()
+                weight = 1.0 + cfg.hard_weight * hard
+            if routed:
+                loss = loss + cfg.kd_weight * kl_to_log_targets(log_t, s_logits, mask,
+                                                                cfg.temperature, weight)
+            else:
+                loss = loss + cfg.kd_weight * kd_loss(t_logits, s_logits, mask,
+                                                      cfg.temperature, weight)
             no_teacher = ~mask.any(0)
-            if experts is None:
+            if experts is None and not routed:
                 kept_counts += mask.float().sum(1).cpu()
+            elif routed:  # a teacher counts for the kept samples of the classes it holds
+                w = label_counts[:, y.cpu()].float() > 0                      # (J, B)
+                kept_counts += (w & mask.cpu()).float().sum(1)
             else:
                 kept_counts += mask.float().sum().cpu()  # the expert vote speaks for all teachers
         seen += len(y)

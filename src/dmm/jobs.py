@@ -130,7 +130,8 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
     output = TrainOutput(res, part, kw, meta, rows, folder)
     if folder is not None:
         save_models(folder, res.init_state, res.global_state, res.client_states,
-                    res.n_samples, meta, regime=job.federated.regime)
+                    res.n_samples, meta, regime=job.federated.regime,
+                    label_counts=part.counts.tolist())
         write_json(folder / "partition.json", part.to_dict())
         write_json(folder / "train.json", {
             "config": {**job.federated.to_dict(), "engine": job.engine,
@@ -143,13 +144,15 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
 
 def save_models(folder: Path, init: StateDict, global_state: StateDict | None,
                 clients: Sequence[StateDict], n_samples: Sequence[int], meta: dict, *,
-                regime: str) -> None:
-    """The checkpoints of one training run: init (n_samples 0), one per client, the global
-    model (if any) with the total sample count."""
+                regime: str, label_counts: Sequence[Sequence[int]] | None = None) -> None:
+    """The checkpoints of one training run: init (n_samples 0), one per client (with its label
+    histogram when given), the global model (if any) with the total sample count."""
     checkpoint.save(folder / "init.safetensors", init, **meta, n_samples=0)
     for k, state in enumerate(clients):
+        extra = {} if label_counts is None else {"label_counts": [int(x)
+                                                                  for x in label_counts[k]]}
         checkpoint.save(folder / f"client_{k:03d}.safetensors", state, **meta,
-                        n_samples=int(n_samples[k]), client_id=k)
+                        n_samples=int(n_samples[k]), client_id=k, **extra)
     if global_state is not None:
         checkpoint.save(folder / "global.safetensors", global_state, **meta,
                         n_samples=int(sum(n_samples)), regime=regime)
@@ -236,5 +239,27 @@ def _divergence_chart(rep, names: list[str], tau: float, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["DataConfig", "InspectOutput", "TrainJob", "TrainOutput", "evaluate", "inspect",
-           "save_models", "train"]
+# ---- convert -----------------------------------------------------------------------------------
+
+def convert(path: str | Path, out: str | Path, *, arch: str, arch_kwargs: dict,
+            n_samples: int | None = None) -> checkpoint.Checkpoint:
+    """A PyTorch state dict (`.pt`/`.pth`, loaded with `weights_only=True`: no code runs) ->
+    a dmm checkpoint, checked against `arch` before it is written."""
+    from dmm.validate import validate_checkpoint
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise DMMError(f"--out must end in .safetensors, got {out}")
+    if not isinstance(arch_kwargs, dict):
+        raise DMMError("--arch-kwargs must be a JSON object")
+    meta = {"arch": arch, "arch_kwargs": arch_kwargs}
+    if n_samples:
+        meta["n_samples"] = n_samples
+    ck = checkpoint.import_pt(path, **meta)
+    validate_checkpoint(ck)
+    checkpoint.save(out, ck.state, **meta, source=str(path))
+    return ck
+
+
+__all__ = ["DataConfig", "InspectOutput", "TrainJob", "TrainOutput", "convert", "evaluate",
+           "inspect", "save_models", "train"]

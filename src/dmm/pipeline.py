@@ -19,11 +19,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
 from torch import nn
 
 from dmm.bn import aggregate_bn_buffers
 from dmm.config import check_fields, check_range
-from dmm.distill import DistillConfig, distill
+from dmm.distill import DistillConfig, distill, estimate_label_counts
 from dmm.divergence import SELECTIONS, divergence_scores
 from dmm.errors import DMMError
 from dmm.merging import merge_states
@@ -176,6 +177,7 @@ def refine(
     input_shape: tuple[int, int, int] | None = None,
     pixel_range: tuple[float, float] | None = None,
     pseudo: PseudoData | None = None,
+    label_counts: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
 ) -> tuple[nn.Module, DMMReport]:
     """DMM refinement of a merged `student` with domain models `teachers`.
@@ -183,6 +185,10 @@ def refine(
     Modules or state dicts are accepted (state dicts need `template`, a module of the shared
     architecture, unless the student is a module). The student is copied, never changed in
     place. `n_samples` are the teachers' sample counts (for `buffer_weights="samples"`).
+    `label_counts` are the teachers' training samples per class (checkpoint metadata
+    `label_counts`): the `histogram` inversion targets and the `routed` teacher signal use
+    them; without them the routed signal estimates them from the pseudo-data
+    (`dmm.distill.estimate_label_counts`, reported).
     `pseudo` reuses pseudo-data synthesized earlier (e.g. by another configuration of the same
     student and buffers) instead of synthesizing anew.
     """
@@ -227,9 +233,10 @@ def refine(
             synth = synthesize
             if getattr(model, "text_dim", None):  # image + text: pseudo-pairs (dmm.multimodal)
                 from dmm.multimodal.synth import synthesize_pairs as synth
+            extra = {"label_counts": label_counts} if label_counts is not None else {}
             pseudo = synth(model, teacher_mods, cfg.inversion, num_classes=num_classes,
-                                input_shape=shape, seed=cfg.seed, pixel_range=pixel_range,
-                                progress=progress)
+                           input_shape=shape, seed=cfg.seed, pixel_range=pixel_range,
+                           progress=progress, **extra)
         timings["inversion_s"] = pseudo.info.get("seconds", time.perf_counter() - t1)
         report.inversion = {k: v for k, v in pseudo.info.items() if k != "batches"}
         report.inversion["bn_loss"] = _bn_summary(pseudo)
@@ -238,10 +245,20 @@ def refine(
         # the switches turn the terms off; their weights are the distillation config's
         dcfg.kd_weight = dcfg.kd_weight if (cfg.distill and selected) else 0.0
         dcfg.ce_weight = dcfg.ce_weight if cfg.inversion_augmentation else 0.0
+        counts = None
+        if dcfg.kd_weight > 0 and dcfg.teacher_signal == "routed":
+            if label_counts is not None:
+                counts = torch.as_tensor([list(label_counts[i]) for i in selected])
+            else:
+                counts = estimate_label_counts([teacher_mods[i] for i in selected], pseudo,
+                                               [n_samples[i] if n_samples else 1
+                                                for i in selected], sources=selected)
+                report.distillation["label_counts_estimated"] = counts.tolist()
         model, drep = distill(model, [teacher_mods[i] for i in selected], pseudo.images,
-                              pseudo.labels, dcfg, seed=cfg.seed, progress=progress)
+                              pseudo.labels, dcfg, label_counts=counts, seed=cfg.seed,
+                              progress=progress)
         timings["distill_s"] = time.perf_counter() - t2
-        report.distillation = drep.to_dict()
+        report.distillation = {**drep.to_dict(), **report.distillation}
         report.pseudo = pseudo
     # reused pseudo-data still count: the wall time is what this configuration costs alone
     timings["total_s"] = time.perf_counter() - t0 + (

@@ -144,7 +144,8 @@ class Group:
         tmp.mkdir(parents=True)
         try:
             meta = checkpoint.data_meta(spec.arch, self.arch_kwargs, self.data, spec.dataset)
-            save_models(tmp, init, glob, clients, n, meta, regime=regime)
+            save_models(tmp, init, glob, clients, n, meta, regime=regime,
+                        label_counts=self.partition.counts.tolist() if clients else None)
             (tmp / "meta.json").write_text(json.dumps(
                 {"settings": settings, "wall_time_s": wall, "n_samples": list(n),
                  "label_counts": self.partition.counts.tolist(), "provenance": provenance()},

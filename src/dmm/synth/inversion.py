@@ -11,9 +11,12 @@ step; inputs clamped to the normalized pixel range. Targets y are class-balanced
 
 Two modes (`InversionConfig.mode`):
 - `merged` (the paper): invert the merged model against its (aggregated) statistics.
-- `ensemble`: additionally invert every teacher against its own statistics; each teacher's share
-  is labelled by the teacher (`teacher_labels="prediction"`: no CE term, label = the teacher's
-  argmax afterwards) or steered to class-balanced targets through the teacher (`"balanced"`).
+- `ensemble`: additionally invert every teacher against its own statistics (the statistics of
+  its private data: its domain, as FedF2DG does); each teacher's share is labelled by the
+  teacher (`teacher_labels="prediction"`: no CE term, label = the teacher's argmax afterwards),
+  steered to class-balanced targets through the teacher (`"balanced"`), or steered to targets
+  drawn from the teacher's own label histogram (`"histogram"`, FedF2DG; `label_counts`), so a
+  one-class client is asked only for its class.
 
 Deviations from DeepInversion's CIFAR script: a few hundred steps with a cosine step size
 instead of 2000 (a CPU budget), TV as the mean squared neighbour difference, optional bf16
@@ -40,6 +43,7 @@ from dmm.synth.hooks import BNStatLoss, Stats, running_stats
 
 log = logging.getLogger(__name__)
 MODES = ("merged", "ensemble")
+TEACHER_LABELS = ("prediction", "balanced", "histogram")
 
 
 @dataclass
@@ -59,7 +63,7 @@ class InversionConfig:
     compile: bool = False          # torch.compile the inverted network: 3.6x faster steps,
     #                                ~35 s first compile (measured, quarter-width ResNet-18)
     mode: str = "merged"           # merged | ensemble
-    teacher_labels: str = "prediction"  # ensemble: prediction | balanced
+    teacher_labels: str = "prediction"  # ensemble: prediction | balanced | histogram
     merged_share: float = 0.5      # ensemble: fraction of images inverted on the merged model
 
     def __post_init__(self) -> None:
@@ -77,8 +81,9 @@ class InversionConfig:
             raise DMMError(f"inversion lr must be > 0, got {self.lr}")
         if self.mode not in MODES:
             raise DMMError(f"unknown inversion mode {self.mode!r}; choose {' or '.join(MODES)}")
-        if self.teacher_labels not in ("prediction", "balanced"):
-            raise DMMError("teacher_labels must be 'prediction' or 'balanced'")
+        if self.teacher_labels not in TEACHER_LABELS:
+            raise DMMError(f"teacher_labels must be one of {', '.join(TEACHER_LABELS)}, got "
+                           f"{self.teacher_labels!r}")
         for name in ("n_images", "batch_size", "iterations"):
             if getattr(self, name) < 1:
                 raise DMMError(f"inversion {name} must be >= 1")
@@ -123,6 +128,22 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between horizontally and vertically neighbouring pixels."""
     return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + \
         (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+
+
+def histogram_labels(n: int, counts, generator: torch.Generator) -> torch.Tensor:
+    """n labels in proportion to a label histogram (largest remainders, so a class with a
+    share p gets floor(n p) or one more), shuffled; classes with no samples never appear."""
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    if c.ndim != 1 or not (c >= 0).all() or c.sum() <= 0:
+        raise DMMError("a label histogram must be non-negative counts with a positive sum")
+    share = c / c.sum() * n
+    k = share.floor().long()
+    rest = n - int(k.sum())
+    if rest:
+        frac = share - share.floor()
+        k[torch.argsort(frac, descending=True, stable=True)[:rest]] += 1
+    y = torch.repeat_interleave(torch.arange(len(c)), k)
+    return y[torch.randperm(n, generator=generator)]
 
 
 def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -245,10 +266,19 @@ def synthesize(
     input_shape: tuple[int, int, int],
     seed: int = 0,
     pixel_range: tuple[float, float] | None = None,
+    label_counts=None,
     progress: bool = False,
 ) -> PseudoData:
-    """Pseudo-data for DMM: `cfg.n_images` images with labels and their source model."""
+    """Pseudo-data for DMM: `cfg.n_images` images with labels and their source model.
+
+    `label_counts` (teachers x classes) are the teachers' training samples per class, which
+    `teacher_labels="histogram"` draws each teacher's targets from."""
     cfg.validate()
+    histogram = cfg.mode == "ensemble" and bool(teachers) and cfg.teacher_labels == "histogram"
+    if histogram:
+        if label_counts is None or len(label_counts) != len(teachers):
+            raise DMMError("teacher_labels='histogram' needs one label histogram per teacher "
+                           "(label_counts)")
     g = torch.Generator().manual_seed(seed)
     jobs: list[tuple[int, nn.Module, int]] = []  # (source, model, n)
     if cfg.mode == "merged" or not teachers:
@@ -269,8 +299,11 @@ def synthesize(
     for source, model, n in jobs:
         for start in range(0, n, cfg.batch_size):
             b = min(cfg.batch_size, n - start)
-            use_ce = source == -1 or cfg.teacher_labels == "balanced"
-            y = balanced_labels(b, num_classes, g)
+            use_ce = source == -1 or cfg.teacher_labels in ("balanced", "histogram")
+            if source >= 0 and histogram:
+                y = histogram_labels(b, label_counts[source], g)
+            else:
+                y = balanced_labels(b, num_classes, g)
             net = _compiled(model, compiled) if cfg.compile else model
             target = y if use_ce else None
             try:
