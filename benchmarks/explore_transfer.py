@@ -42,6 +42,7 @@ DOMAIN = {"mode": "ensemble", "merged_share": 0.0, "teacher_labels": "histogram"
 KD = {"teacher_signal": "routed", "temperature": 4.0, "optimizer": "adam", "lr": 1e-3,
       "trainable": "all", "steps": 1000, "gamma": 0.0, "eta": 0.0, "kd_weight": 1.0,
       "ce_weight": 0.0, "update_bn": True}
+CACHED = {"cache_teachers": True, "augment": False}
 
 
 def variants() -> dict[str, dict | None]:
@@ -58,6 +59,19 @@ def variants() -> dict[str, dict | None]:
             **transfer, "distillation": {**KD, "kd_weight": 0.8, "ce_weight": 0.2}},
         "domain + routed KD + hard x2, BN updated": {
             **transfer, "distillation": {**KD, "hard_weight": 2.0}},
+        # teacher logits computed once per pseudo-image (no augmentation): J teacher passes
+        # per image instead of per step
+        "cached: domain + routed KD, BN updated": {
+            **transfer, "distillation": {**KD, **CACHED}},
+        "cached: domain + routed KD, BN frozen": {
+            **transfer, "distillation": {**KD, **CACHED, "update_bn": False}},
+        "cached: domain + plain softmax KD, BN updated": {
+            **transfer, "distillation": {**KD, **CACHED, "teacher_signal": "softmax"}},
+        "cached: domain + routed KD + 0.2 CE, BN updated": {
+            **transfer, "distillation": {**KD, **CACHED, "kd_weight": 0.8, "ce_weight": 0.2}},
+        "cached: merged-only inversion + routed KD, BN updated": {
+            **transfer, "inversion": {"mode": "merged", "n_images": 1280, "iterations": 150},
+            "distillation": {**KD, **CACHED}},
     }
 
 

@@ -9,8 +9,9 @@ Rules (each a change of form, not of computation):
 - 2026-12 (issue "one owner"): the CE weight of DMM's refinement had two fields,
   `DMMConfig.ce_weight` (used) and `DistillConfig.ce_weight` (overwritten by refine, so unused).
   There is one now, `distillation.ce_weight`: the old top-level value moves there.
-- 2026-12 (issue "transfer"): `distillation.hard_weight` added; 0.0 (no hard-sample emphasis)
-  computes exactly what was computed before it existed.
+- 2026-12 (issue "transfer"): `distillation.hard_weight` and `distillation.cache_teachers`
+  added; 0.0 (no hard-sample emphasis) and false (teachers run on every step) compute exactly
+  what was computed before they existed.
 
     .venv/bin/python benchmarks/rekey_cells.py benchmarks/results/fmnist-paper [...]
 """
@@ -33,6 +34,7 @@ def translate(settings: dict) -> dict:
         d["distillation"]["ce_weight"] = d.pop("ce_weight")
     if d is not None:
         d["distillation"].setdefault("hard_weight", 0.0)
+        d["distillation"].setdefault("cache_teachers", False)
     return s
 
 

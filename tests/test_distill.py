@@ -166,3 +166,21 @@ def test_routed_needs_label_counts_of_every_teacher(data, experts):
     with pytest.raises(DMMError, match="teachers, classes"):
         distill(trained_model(data, steps=1), experts[:2], images, labels, _routed_cfg(),
                 label_counts=torch.ones(3, 4))
+
+
+def test_cached_teacher_logits_give_the_refinement_of_live_teachers(data, experts):
+    # Prepare
+    student = trained_model(data, seed=9, steps=2)
+    images = torch.randn(48, *SHAPE, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(48) % 4
+    counts = torch.tensor([[5, 5, 0, 0], [0, 5, 5, 0], [0, 0, 5, 5], [5, 0, 0, 5]])
+    # Execute
+    live, _ = distill(copy.deepcopy(student), experts, images, labels, _routed_cfg(),
+                      label_counts=counts)
+    cached, _ = distill(copy.deepcopy(student), experts, images, labels,
+                        _routed_cfg(cache_teachers=True), label_counts=counts)
+    # Assert
+    x = data.normalize(data.x_test[:32])
+    torch.testing.assert_close(cached.eval()(x), live.eval()(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(DMMError, match="augment=False"):
+        DistillConfig(cache_teachers=True)

@@ -146,3 +146,16 @@ def test_the_ce_weight_of_the_distillation_config_is_the_one_refine_uses(data, e
     moved, _ = refine(student, experts, cfg, n_samples=[1] * len(experts), input_shape=SHAPE)
     assert any(not torch.equal(moved.state_dict()[k], v)
                for k, v in student.state_dict().items() if v.is_floating_point())
+
+
+def test_named_presets():
+    from dmm.pipeline import PRESETS, preset
+
+    # Assert: every name builds a valid config; head is today's default under its own name
+    assert set(PRESETS) == {"paper", "default", "head", "transfer"}
+    assert preset("head") == preset("default")
+    t = preset("transfer")
+    assert (t.distill, t.selection, t.inversion.teacher_labels, t.distillation.teacher_signal,
+            t.distillation.trainable) == (True, "all", "histogram", "routed", "all")
+    with pytest.raises(DMMError, match="unknown DMM preset"):
+        preset("best")

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-reset", action="store_true",
                    help="recompute the merged model's BN statistics on pseudo-data from every "
                         "input model's own statistics (data-free)")
-    p.add_argument("--preset", default="default", help="DMM preset: default | paper")
+    p.add_argument("--preset", default="default",
+                   help="DMM preset: default | head | paper | transfer")
     p.add_argument("--config", default=None, help="JSON file of DMMConfig overrides")
     p.add_argument("--weights", default="samples", choices=["samples", "uniform"],
                    help="merge weights: by each model's n_samples, or uniform")
@@ -334,6 +335,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kwargs = dict(n_samples=weights, input_shape=tuple(meta["input_size"])
                   if "input_size" in meta else None, pixel_range=_pixel_range(meta),
                   progress=True)
+    counts = [ck.label_counts for ck in ckpts]
+    if all(c is not None for c in counts):  # the clients' label histograms (dmm train's)
+        kwargs["label_counts"] = counts
     method_params = _method_params(args.param)
     method_params.update(seed=args.seed, input_shape=kwargs["input_shape"])
     if args.bn_reset:

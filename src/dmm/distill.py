@@ -82,6 +82,9 @@ class DistillConfig:
     update_bn: bool = False        # let the student's BN statistics move
     trainable: str = "head"        # all | head (only the last linear layer learns)
     augment: bool = True           # crop (pad 4) + flip on pseudo-images
+    cache_teachers: bool = False   # teacher logits computed once per pseudo-image and reused
+    #                                by every step (needs augment=False: a view changes them);
+    #                                J teacher passes per image instead of per step and sample
     bf16: bool = True
 
     def __post_init__(self) -> None:
@@ -111,6 +114,9 @@ class DistillConfig:
                 raise DMMError(f"distillation {name} must be >= 0, got {getattr(self, name)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise DMMError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.cache_teachers and self.augment:
+            raise DMMError("cache_teachers needs augment=False (an augmented view changes the "
+                           "teachers' logits)")
 
 
 @dataclass
@@ -271,8 +277,10 @@ def distill(
         cfg.anchor_weight > 0 or (use_kd and cfg.teacher_signal in ("experts", "routed"))
     ) else None
     experts = None
+    all_t = None
+    if use_kd and (cfg.teacher_signal == "experts" or cfg.cache_teachers):
+        all_t = torch.stack([_logits(t, images, cfg.bf16) for t in teachers])  # (J, N, C)
     if use_kd and cfg.teacher_signal == "experts":
-        all_t = torch.stack([_logits(t, images, cfg.bf16) for t in teachers])
         experts = ExpertTeacher(all_t, _logits(initial, images, cfg.bf16))
     # Same memory format as the student: identical weights then give bitwise identical logits,
     # so a teacher equal to the student yields an exactly zero gradient (Adam would otherwise
@@ -312,8 +320,11 @@ def distill(
         loss = torch.zeros((), device=dev)
         no_teacher = torch.ones(len(y), dtype=torch.bool, device=dev)
         if use_kd:
-            with torch.no_grad(), autocast(cfg.bf16, ac):
-                t_logits = torch.stack([t(*xa).float() for t in teachers])  # (J, B, C)
+            if cfg.cache_teachers:
+                t_logits = all_t[:, idx].to(dev)
+            else:
+                with torch.no_grad(), autocast(cfg.bf16, ac):
+                    t_logits = torch.stack([t(*xa).float() for t in teachers])  # (J, B, C)
             if experts is not None or routed:
                 with torch.no_grad(), autocast(cfg.bf16, ac):
                     s0 = initial(*xa).float()
