@@ -69,6 +69,16 @@ def variants() -> dict[str, dict | None]:
             **transfer, "distillation": {**KD, **CACHED, "teacher_signal": "softmax"}},
         "cached: domain + routed KD + 0.2 CE, BN updated": {
             **transfer, "distillation": {**KD, **CACHED, "kd_weight": 0.8, "ce_weight": 0.2}},
+        # the head-only refinement with what the clients know: targets from the domain pool
+        "domain pool, head-only CE (histogram targets)": {
+            "inversion": DOMAIN},
+        "cached: domain + routed KD, head only": {
+            **transfer, "distillation": {**KD, **CACHED, "trainable": "head",
+                                         "update_bn": False}},
+        "cached: domain + routed KD + CE, head only": {
+            **transfer, "distillation": {**KD, **CACHED, "trainable": "head",
+                                         "update_bn": False, "kd_weight": 0.5,
+                                         "ce_weight": 0.5}},
         "cached: merged-only inversion + routed KD, BN updated": {
             **transfer, "inversion": {"mode": "merged", "n_images": 1280, "iterations": 150},
             "distillation": {**KD, **CACHED}},
