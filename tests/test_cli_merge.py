@@ -135,3 +135,27 @@ def test_same_seed_gives_a_bitwise_identical_merged_checkpoint(tmp_path, clients
     r = run_cli("merge", clients, "--method", method, *base, "--out", out, "--config",
                 tmp_path / "fast.json", "--seed", "8", cwd=tmp_path)
     assert r.returncode == 0 and out.read_bytes() != outs[0]
+
+
+def test_merge_with_the_transfer_preset_reads_the_label_histograms(tmp_path, clients):
+    # Prepare: the same clients with and without label histograms
+    d = tmp_path / "with_counts"
+    for k, ck in enumerate(checkpoint.load_dir(clients)):
+        checkpoint.save(d / f"client_{k:03d}.safetensors", ck.state,
+                        **{**ck.meta, "label_counts": [4 + k, 0, 3, 3 - k]})
+    fast = {**FAST, "distillation": {**FAST["distillation"], "cache_teachers": True,
+                                     "augment": False}}
+    (tmp_path / "fast_t.json").write_text(json.dumps(fast))
+    out = tmp_path / "t.safetensors"
+    # Execute
+    r = run_cli("merge", d, "--preset", "transfer", "--config", tmp_path / "fast_t.json",
+                "--out", out, cwd=tmp_path)
+    # Assert: each client's pseudo-images were asked only for the classes it holds
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["preset"] == "transfer" and rep["report"]["teachers"] == [0, 1, 2]
+    assert rep["report"]["inversion"]["config"]["teacher_labels"] == "histogram"
+    # without histograms the transfer preset is one line naming what is missing
+    expect_cli_error(run_cli("merge", clients, "--preset", "transfer", "--config",
+                             tmp_path / "fast_t.json", "--out", tmp_path / "u.safetensors",
+                             cwd=tmp_path), "label histogram", tmp_path / "u.safetensors")
