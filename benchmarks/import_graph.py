@@ -9,7 +9,6 @@ Edges are every import between rooms, module-level or inside a function; an edge
 from __future__ import annotations
 
 import argparse
-import ast
 from pathlib import Path
 
 import matplotlib
@@ -17,29 +16,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dmm.layers import LAYERS, layer_of  # noqa: E402
+from dmm.layers import LAYERS, layer_of, package_imports, room_of  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dmm"
 
 
 def room_edges() -> set[tuple[str, str]]:
-    edges = set()
-    for path in SRC.rglob("*.py"):
-        rel = path.relative_to(SRC).parts
-        src = rel[0].removesuffix(".py") if len(rel) else None
-        if src in (None, "__init__"):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            mods = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                mods = [node.module]
-            elif isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            for m in mods:
-                parts = m.split(".")
-                if parts[0] == "dmm" and len(parts) > 1 and parts[1] != src:
-                    edges.add((src, parts[1]))
-    return edges
+    return {(room_of(m), room_of(t)) for m, targets in package_imports(SRC).items()
+            for t in targets if room_of(m) and room_of(t) and room_of(m) != room_of(t)}
 
 
 def main() -> None:

@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-from dmm.layers import LAYERS, layer_of
+from dmm.layers import LAYERS, layer_of, package_imports
+from dmm.layers import room_of as _room
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dmm"
 
 
-def _module(path: Path) -> str:
-    rel = path.relative_to(SRC.parent).with_suffix("")
-    return ".".join(p for p in rel.parts if p != "__init__")
-
-
-def _imports(path: Path) -> set[str]:
-    """dmm modules imported anywhere in a file, except under `if TYPE_CHECKING:`."""
-    tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-            and getattr(node.test, "id", None) == "TYPE_CHECKING"
-            for n in ast.walk(node)}
-    out = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dmm"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("dmm"))
-    return out
-
-
-def _room(module: str) -> str | None:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else None
-
-
 def _modules() -> dict[str, set[str]]:
-    return {_module(p): _imports(p) for p in SRC.rglob("*.py")}
+    return package_imports(SRC)
 
 
 def test_every_room_is_in_one_layer():

@@ -256,17 +256,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # merge / inspect
 # ---------------------------------------------------------------------------------------------
 
-def _load_group(inputs: list[str], reference=None):
-    """Checkpoints of one architecture (that of `reference` if given), validated
-    (`dmm.validate`: keys, shapes, dtypes, finite values) before anything is built."""
-    from dmm import checkpoint
-    from dmm.validate import validate_group
-
-    ckpts = checkpoint.resolve_inputs(inputs)
-    validate_group(ckpts, reference=reference)
-    return ckpts, [ck.build() for ck in ckpts]
-
-
 def _pixel_range(meta: dict) -> tuple[float, float] | None:
     from dmm.data.base import pixel_range
 
@@ -298,6 +287,7 @@ def _method_params(pairs: list[str]) -> dict:
 def cmd_merge(args: argparse.Namespace) -> int:
     from dmm import checkpoint
     from dmm.io import provenance, write_json
+    from dmm.jobs import load_group
     from dmm.pipeline import merge_and_refine, preset, refine, with_overrides
     from dmm.synth import save_grid
 
@@ -314,7 +304,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         modules = []
         template = ckpts[0].new_model()
     else:
-        ckpts, modules = _load_group(args.inputs)
+        ckpts, modules = load_group(args.inputs)
     if args.refine == "dmm" and len(modules) < 2 and args.student is None:
         raise DMMError("DMM needs at least two models to merge (or --student and a teacher)")
     cfg = preset(args.preset)
@@ -344,7 +334,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         method_params.update(bn_reset=True, pixel_range=_pixel_range(meta))
     base = None
     if args.base:
-        base_ck, base_mod = _load_group([args.base], reference=ckpts[0])
+        base_ck, base_mod = load_group([args.base], reference=ckpts[0])
         base = base_mod[0].state_dict()
     t0 = time.perf_counter()
     if stream:
@@ -352,7 +342,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                              weights=weights, base=base, **method_params)
         report = None
     elif args.student:
-        student_ck, student = _load_group([args.student], reference=ckpts[0])
+        student_ck, student = load_group([args.student], reference=ckpts[0])
         if args.refine == "dmm":
             model, report = refine(student[0], modules, cfg, **kwargs)
         else:

@@ -46,10 +46,11 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int = ROUNDS, n_train: int | N
                                    train=TrainConfig(local_iters=LOCAL_ITERS)),
                    arch=ARCH, width=WIDTH, evaluate=False)
     data = job.data.load()
-    rare = rare_classes(job.partition.split(data).counts)
+    split = job.partition.split(data)
+    rare = rare_classes(split.counts)
     report(f"FedAvg: {CLIENTS} clients, alpha {ALPHA}, {rounds} rounds x {LOCAL_ITERS} local "
            f"iterations, {ARCH} width {WIDTH}; rare classes (>= 90% with one client): {rare}")
-    trained = train(job, data=data)
+    trained = train(job, data=data, partition=split)
     fed, part, cfg = trained.result, trained.partition, job.federated
     model = create(ARCH, **trained.arch_kwargs)
     model.load_state_dict(fed.global_state)

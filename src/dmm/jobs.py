@@ -87,9 +87,11 @@ class TrainOutput:
 
 
 def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | None = None,
-          progress: bool = True, verbose: bool = False) -> TrainOutput:
+          partition: Partition | None = None, progress: bool = True,
+          verbose: bool = False) -> TrainOutput:
     """Run `job`; with `out`, write `init`, `client_*` and `global` checkpoints, partition.json
-    and train.json there (the layout `dmm merge` reads). `data` reuses a loaded data set."""
+    and train.json there (the layout `dmm merge` reads). `data` reuses a loaded data set and
+    `partition` the split its caller already drew from `job.partition` (the bench, the demo)."""
     job.validate()
     if job.engine == "flower":  # loaded once per process: the engine's server side reuses it
         from dmm.flower import require_flower
@@ -103,7 +105,7 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
     kw = arch_kwargs(job.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                      width=job.width)
     create(job.arch, **kw)  # fail fast on a bad architecture, before any training
-    part = job.partition.split(data)
+    part = partition if partition is not None else job.partition.split(data)
     folder = ensure_writable_dir(out) if out is not None else None  # after every check
     if job.engine == "flower":
         import torch
@@ -180,6 +182,20 @@ def evaluate(inputs: Sequence[str | Path], data: DataConfig, *,
     return rows
 
 
+# ---- inputs ------------------------------------------------------------------------------------
+
+def load_group(inputs: Sequence[str | Path], reference: checkpoint.Checkpoint | None = None
+               ) -> tuple[list[checkpoint.Checkpoint], list]:
+    """Checkpoints of one architecture (that of `reference` if given), validated
+    (`dmm.validate`: keys, shapes, dtypes, finite values) before anything is built, and the
+    modules built from them."""
+    from dmm.validate import validate_group
+
+    ckpts = checkpoint.resolve_inputs(list(inputs))
+    validate_group(ckpts, reference=reference)
+    return ckpts, [ck.build() for ck in ckpts]
+
+
 # ---- inspect -----------------------------------------------------------------------------------
 
 @dataclass
@@ -201,16 +217,11 @@ def inspect(inputs: Sequence[str | Path], *, student: str | Path | None = None,
     from dmm.divergence import divergence_scores
     from dmm.merging import merge_states
     from dmm.statedict import state_of
-    from dmm.validate import validate_group
 
-    ckpts = checkpoint.resolve_inputs(list(inputs))
-    validate_group(ckpts)
-    modules = [ck.build() for ck in ckpts]
+    ckpts, modules = load_group(inputs)
     states = [state_of(m) for m in modules]
     if student is not None:
-        (st,) = checkpoint.resolve_inputs([student])
-        validate_group([st], reference=ckpts[0])
-        merged = state_of(st.build())
+        merged = state_of(load_group([student], reference=ckpts[0])[1][0])
     else:
         w = [ck.meta.get("n_samples") or 1 for ck in ckpts]
         merged = merge_states(states, "average", model=modules[0], weights=w)
@@ -262,4 +273,4 @@ def convert(path: str | Path, out: str | Path, *, arch: str, arch_kwargs: dict,
 
 
 __all__ = ["DataConfig", "InspectOutput", "TrainJob", "TrainOutput", "convert", "evaluate",
-           "inspect", "save_models", "train"]
+           "inspect", "load_group", "save_models", "train"]

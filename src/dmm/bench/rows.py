@@ -65,10 +65,14 @@ def global_row(name: str, pretty_name: str, regime: str, **kw) -> Row:
     return Row(name, pretty_name, regime, build, **kw)
 
 
+def _merge_config(method: str, params: dict, seed: int) -> dict:
+    return {"method": method, "params": params, "seed": seed}
+
+
 def merge_row(name: str, pretty_name: str, method: str, params: dict, **kw) -> Row:
     """The one-shot clients merged by a registered merging method (seeded by the cell)."""
     def config(spec, seed):
-        return {"method": method, "params": params, "seed": seed}
+        return _merge_config(method, params, seed)
 
     def build(group):
         t = group.trained("oneshot")
@@ -86,7 +90,7 @@ def dmm_row(name: str, pretty_name: str, student: str, variant: str, **kw) -> Ro
     def config(spec, seed):
         d = {"dmm": dmm_config(variant, spec, seed).to_dict()}
         if merge is not None:
-            d["merge"] = {"method": merge[0], "params": merge[1], "seed": seed}
+            d["merge"] = _merge_config(*merge, seed)
         return d
 
     def build(group):

@@ -133,7 +133,7 @@ class Group:
                            FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed,
                                            train=tc),
                            arch=spec.arch, width=spec.width, evaluate=False, device=spec.device)
-            res = train(job, data=self.data, progress=False).result
+            res = train(job, data=self.data, partition=self.partition, progress=False).result
             init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
                 res.n_samples
         init, clients = state_of(init), [state_of(c) for c in clients]
