@@ -36,7 +36,7 @@ from dmm.jobs import DataConfig, TrainJob, train
 from dmm.merging import merge_states
 from dmm.pipeline import preset, refine
 
-# ---- the variants (overrides of the default preset) -------------------------------------------
+# ---- the variants (overrides of the head preset, or (preset, overrides)) -------------------------------------------
 DOMAIN = {"mode": "ensemble", "merged_share": 0.0, "teacher_labels": "histogram",
           "n_images": 1280, "iterations": 150}
 KD = {"teacher_signal": "routed", "temperature": 4.0, "optimizer": "adam", "lr": 1e-3,
@@ -45,12 +45,18 @@ KD = {"teacher_signal": "routed", "temperature": 4.0, "optimizer": "adam", "lr":
 CACHED = {"cache_teachers": True, "augment": False}
 
 
-def variants() -> dict[str, dict | None]:
+def variants() -> dict[str, dict | str | tuple | None]:
     transfer = {"distill": True, "selection": "all", "inversion": DOMAIN, "distillation": KD}
     return {
         "student": None,
         "head (today's default)": {},
         "paper": "paper",
+        "default (transfer + teacher check)": "default",
+        "default, 500 steps": ("default", {"distillation": {"steps": 500}}),
+        "default, 500 steps, 100 iterations": ("default", {"inversion": {"iterations": 100},
+                                                           "distillation": {"steps": 500}}),
+        "default, 1024 images, 600 steps": ("default", {"inversion": {"n_images": 1024},
+                                                        "distillation": {"steps": 600}}),
         "domain + routed KD, BN updated": transfer,
         "domain + routed KD, BN frozen": {**transfer, "distillation": {**KD, "update_bn": False}},
         "domain + plain softmax KD, BN updated": {
@@ -153,8 +159,9 @@ def main() -> None:
             ev = evaluate(student, data.x_test, data.y_test, data.normalize)
             record(name, ev.accuracy, 0.0)
             continue
-        cfg = preset("paper", seed=args.seed) if over == "paper" else \
-            preset("default", seed=args.seed, **over)
+        base, over = (over, {}) if isinstance(over, str) else \
+            over if isinstance(over, tuple) else ("head", over)
+        cfg = preset(base, seed=args.seed, **over)
         key = json.dumps([cfg.buffer_weights, cfg.inversion.to_dict()])
         t0 = time.perf_counter()
         model, rep = refine(student, teachers, cfg, n_samples=n, input_shape=data.input_shape,
@@ -167,7 +174,8 @@ def main() -> None:
         record(name, ev.accuracy, rep.timings["total_s"],
                {"config": cfg.to_dict(), "timings": rep.timings,
                 "images_per_minute": 60 * inv["images_per_second"] if inv else None,
-                "wall_s": time.perf_counter() - t0})
+                "wall_s": time.perf_counter() - t0,
+                "teacher_check": rep.distillation.get("teacher_check")})
 
 
 if __name__ == "__main__":

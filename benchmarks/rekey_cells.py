@@ -12,6 +12,12 @@ Rules (each a change of form, not of computation):
 - 2026-12 (issue "transfer"): `distillation.hard_weight` and `distillation.cache_teachers`
   added; 0.0 (no hard-sample emphasis) and false (teachers run on every step) compute exactly
   what was computed before they existed.
+- 2026-12 (issue "transfer", the new default): `DMMConfig.teacher_check` added (false computes
+  what was computed before). The head-only refinement that `fedavg+dmm` and `cat+dmm` ran
+  before the default changed is now the row `fedavg+dmm_head` / `cat+dmm_head`: a record of
+  the old row whose settings are exactly the new row's moves there (and the row joins the
+  folder's spec.json rows), so that its number stays shown under the name of what it
+  measured; the old row's cells run again under the new default.
 
     .venv/bin/python benchmarks/rekey_cells.py benchmarks/results/fmnist-paper [...]
 """
@@ -35,21 +41,45 @@ def translate(settings: dict) -> dict:
     if d is not None:
         d["distillation"].setdefault("hard_weight", 0.0)
         d["distillation"].setdefault("cache_teachers", False)
+        d.setdefault("teacher_check", False)
     return s
+
+
+RENAMED = {"fedavg+dmm": "fedavg+dmm_head", "cat+dmm": "cat+dmm_head"}
+
+
+def renamed(rec: dict) -> tuple[str, dict] | None:
+    """(new row, translated settings) for a record of a row that moved, else None."""
+    new = RENAMED.get(rec["row"])
+    if new is None:
+        return None
+    s = translate(rec["settings"])
+    s["row"] = new
+    return new, s
 
 
 def rekey(folder: Path) -> tuple[int, int, int]:
     """(re-keyed, already current, left alone) for one results folder."""
-    spec = BenchSpec.from_dict(json.loads((folder / "spec.json").read_text())["spec"])
+    spec_file = json.loads((folder / "spec.json").read_text())
+    spec = BenchSpec.from_dict(spec_file["spec"])
+    records = [json.loads(line) for line in (folder / "cells.jsonl").read_text().splitlines()]
+    moved = {renamed(r)[0] for r in records if renamed(r) is not None}
+    added = [r for r in sorted(moved) if r not in spec.rows]
+    if added:  # the rows that now hold the moved records join the grid
+        spec.rows += added
+        if spec.k_values and any(r in spec.k_rows for r in RENAMED):
+            spec.k_rows += [RENAMED[r] for r in RENAMED if r in spec.k_rows
+                            and RENAMED[r] not in spec.k_rows]
     current = {}
     for c in spec.cells():
         settings = json.loads(json.dumps(spec.cell_settings(c), default=str))
         current[(c.alpha, c.k, c.seed, c.row)] = (spec.cell_key(c), settings)
     lines, counts = [], [0, 0, 0]
-    for line in (folder / "cells.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in records:
+        line = json.dumps(rec, sort_keys=True)
         cell = (rec["alpha"], rec["k"], rec["seed"], rec["row"])
         key, settings = current.get(cell, (None, None))
+        move = renamed(rec)
         if key is not None and rec["key"] == key:
             counts[1] += 1
         elif key is not None and translate(rec["settings"]) == settings:
@@ -57,10 +87,20 @@ def rekey(folder: Path) -> tuple[int, int, int]:
             rec.update(key=key, settings=settings, rekeyed_from=rec["key"])
             line = json.dumps(rec, sort_keys=True)
             counts[0] += 1
+        elif move is not None and current.get(cell[:3] + (move[0],), (None, None))[1] == move[1]:
+            key = current[cell[:3] + (move[0],)][0]
+            assert digest(move[1]) == key
+            rec.update(key=key, settings=move[1], row=move[0], rekeyed_from=rec["key"],
+                       renamed_from=rec["row"])
+            line = json.dumps(rec, sort_keys=True)
+            counts[0] += 1
         else:
             counts[2] += 1
         lines.append(line)
     write_text(folder / "cells.jsonl", "\n".join(lines) + "\n")
+    if added:
+        spec_file["spec"] = spec.to_dict()
+        write_text(folder / "spec.json", json.dumps(spec_file, indent=2) + "\n")
     return tuple(counts)
 
 

@@ -258,11 +258,15 @@ def test_committed_records_keep_their_cache_keys(folder):
 def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
     from dmm.bench import ROWS, Row, get_row, register_row
     from dmm.bench.registry import ablation_rows, rows_in
-    from dmm.bench.spec import ABLATIONS, REFERENCES, TABLE1
+    from dmm.bench.spec import (ABLATIONS, FEDERATED_TRANSFER, ONESHOT_TRANSFER, REFERENCES,
+                                TABLE1)
 
     # Assert: the presets' names are registered, the sections partition them
-    assert set(TABLE1 + REFERENCES + ABLATIONS) <= set(ROWS)
-    assert rows_in("reference") == REFERENCES and set(rows_in("ablation")) == set(ABLATIONS)
+    presets = set(TABLE1 + REFERENCES + ABLATIONS + FEDERATED_TRANSFER + ONESHOT_TRANSFER)
+    assert presets == set(ROWS)
+    assert rows_in("reference")[:len(REFERENCES)] == REFERENCES
+    assert set(ABLATIONS) <= set(rows_in("ablation"))
+    assert set(rows_in("table1")) == set(TABLE1)
     assert ablation_rows()[:4] == ["fedavg", "fedavg+buffer", "fedavg+dmm", "fedavg+dmm_paper"]
     # Execute: one call adds a row that the spec validates and keys
     row = register_row(Row("test-row", "Test row", "fedavg",
@@ -281,3 +285,53 @@ def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
         register_row(Row("bad", "Bad", "nope", build=lambda g: (None, {})))
     with pytest.raises(DMMError, match="unknown bench row"):
         BenchSpec(rows=["test-row"]).validate()
+
+
+def test_transfer_grid_runs_federated_rows_at_two_alphas_and_one_shot_rows_at_all():
+    from dmm.bench.spec import FEDERATED_TRANSFER, ONESHOT_TRANSFER, get_preset
+
+    # Execute
+    spec = get_preset("transfer")
+    spec.validate()
+    cells = spec.cells()
+    # Assert: the issue's grid exactly, each DMM preset at its own budget
+    fed = {(c.alpha, c.row) for c in cells if c.row in FEDERATED_TRANSFER}
+    assert {a for a, _ in fed} == {0.1, 0.01}
+    assert {c.alpha for c in cells if c.row in ONESHOT_TRANSFER} == {0.5, 0.1, 0.01}
+    assert len(cells) == 3 * (2 * len(FEDERATED_TRANSFER) + 3 * len(ONESHOT_TRANSFER))
+    dmm = spec.cell_settings(Cell(0.01, 10, 0, "average+dmm"))["row_config"]["dmm"]
+    assert dmm["teacher_check"] and dmm["inversion"]["teacher_labels"] == "histogram"
+    head = spec.cell_settings(Cell(0.01, 10, 0, "fedavg+dmm_head"))["row_config"]["dmm"]
+    assert head["distillation"]["trainable"] == "head" and not head["distill"]
+    est = spec.cell_settings(Cell(0.5, 10, 0, "average+dmm_estimated"))["row_config"]
+    assert est["label_counts"] == "estimated"
+    assert "label_counts" not in spec.cell_settings(Cell(0.5, 10, 0, "average+dmm"))[
+        "row_config"]
+    with pytest.raises(DMMError, match="row_alphas names"):
+        replace(spec, row_alphas={"cat": [0.1]}).validate()
+
+
+def test_transfer_rows_run_end_to_end_on_tiny_data(tmp_path):
+    from dmm.bench import run_bench
+    from dmm.bench.spec import BenchSpec
+
+    # Prepare: the one-shot transfer rows on a tiny grid
+    spec = BenchSpec(dataset="npz", data_root=str(write_npz(tmp_path / "tiny.npz")),
+                     alphas=[0.5], seeds=[0], arch="resnet8", clients=3, local_iters=2,
+                     batch_size=16, rounds=1, inversion_images=8, inversion_iters=2,
+                     distill_steps=2, compile=False,
+                     rows=["ensemble", "ensemble_routed", "average", "average+dmm",
+                           "average+dmm_estimated"])
+    # Execute
+    store = run_bench(spec, tmp_path / "res", tmp_path / "cache", progress=False,
+                      report=lambda s: None)
+    # Assert: every row has a number; the DMM rows report the teacher check, the estimated
+    # row its estimate and the note that the histograms were withheld
+    recs = {r["row"]: r for r in store.records.values()}
+    assert set(recs) == set(spec.rows)
+    assert all(0 <= r["accuracy"] <= 1 for r in recs.values())
+    assert "transfer" in recs["average+dmm"]["distillation"]["teacher_check"]
+    est = recs["average+dmm_estimated"]
+    assert len(est["distillation"]["label_counts_estimated"]) == 3
+    assert any("label histograms" in n for n in est["notes"])
+    assert recs["average+dmm"]["notes"] == []

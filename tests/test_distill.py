@@ -184,3 +184,47 @@ def test_cached_teacher_logits_give_the_refinement_of_live_teachers(data, expert
     torch.testing.assert_close(cached.eval()(x), live.eval()(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(DMMError, match="augment=False"):
         DistillConfig(cache_teachers=True)
+
+
+class _Fixed(torch.nn.Module):
+    """logits = scale * (sign of the first pixel's class vote) + bias: an oracle of a two-class
+    problem (class 1 where pixel 0 > 0), or a constant predictor (scale 0)."""
+
+    def __init__(self, scale: float, bias=(0.0, 0.0)):
+        super().__init__()
+        self.scale, self.bias = scale, torch.tensor(bias)
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :1]
+        return self.scale * torch.cat([-v, v], 1) + self.bias
+
+
+def _two_class_pool(source):
+    """16 images of two classes; `source`: "class" (teacher k inverted the class-k images, as a
+    one-class client does) or "alternate" (each teacher half of each class)."""
+    from dmm.synth import PseudoData
+
+    y = torch.tensor([0, 0, 1, 1] * 4)
+    x = torch.where(y == 1, 1.0, -1.0).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    return PseudoData(x, y, y.clone() if source == "class" else torch.tensor([0, 1] * 8))
+
+
+def test_teacher_check_sees_one_class_experts_teach_nothing_and_shared_knowledge_transfers():
+    from dmm.distill import teacher_check
+
+    pool = _two_class_pool("class")
+    guess = _Fixed(0.0, (1.0, 0.0))            # the student: class 0 everywhere (50%)
+    # one-class experts: teacher k holds class k only and predicts it everywhere; no other
+    # teacher holds a sample's class, so the others' ensemble scores nothing
+    experts = [_Fixed(0.0, (5.0, 0.0)), _Fixed(0.0, (0.0, 5.0))]
+    check = teacher_check(guess, experts, pool, [[10, 0], [0, 10]], bf16=False)
+    assert check["others_ensemble_accuracy"] == 0.0 and check["student_accuracy"] == 0.5
+    assert not check["transfer"]
+    # two oracles holding both classes: each recognizes the other's samples
+    oracles = [_Fixed(3.0), _Fixed(3.0)]
+    pool = _two_class_pool("alternate")
+    check = teacher_check(guess, oracles, pool, [[5, 5], [5, 5]], bf16=False)
+    assert check["others_ensemble_accuracy"] == 1.0 and check["transfer"]
+    # a student as good as the teachers: nothing to transfer
+    assert not teacher_check(_Fixed(3.0), oracles, pool, [[5, 5], [5, 5]],
+                             bf16=False)["transfer"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -109,7 +111,7 @@ def test_preset_goes_through_with_overrides():
     cfg = preset("default", seed=3, distillation={"steps": 7}, inversion={"n_images": 64})
     # Assert: nested parts update field by field, a typo is an error, so is a bad value
     assert (cfg.seed, cfg.distillation.steps, cfg.inversion.n_images) == (3, 7, 64)
-    assert cfg.distillation.lr == DistillConfig().lr
+    assert cfg.distillation.lr == preset("default").distillation.lr
     with pytest.raises(DMMError, match="unknown DMM config keys: distil"):
         preset("default", distil=True)
     with pytest.raises(DMMError, match="unknown distillation setting"):
@@ -123,9 +125,9 @@ def test_one_set_of_distillation_defaults_and_one_ce_weight():
 
     from dmm.pipeline import preset
 
-    # Assert: DMM's default refinement is DistillConfig's defaults; the CE weight lives there
+    # Assert: the head-only refinement is DistillConfig's defaults; the CE weight lives there
     assert DMMConfig().distillation == DistillConfig()
-    assert preset("default").distillation == DistillConfig()
+    assert preset("head").distillation == DistillConfig()
     assert "ce_weight" not in {f.name for f in fields(DMMConfig)}
     paper = preset("paper").distillation
     assert (paper.optimizer, paper.lr, paper.trainable) == ("adam", 1e-3, "all")
@@ -151,11 +153,53 @@ def test_the_ce_weight_of_the_distillation_config_is_the_one_refine_uses(data, e
 def test_named_presets():
     from dmm.pipeline import PRESETS, preset
 
-    # Assert: every name builds a valid config; head is today's default under its own name
+    # Assert: every name builds a valid config; head is DMMConfig(), the default before issue
+    # 13; default is transfer with the teacher check
     assert set(PRESETS) == {"paper", "default", "head", "transfer"}
-    assert preset("head") == preset("default")
+    assert preset("head") == DMMConfig()
     t = preset("transfer")
     assert (t.distill, t.selection, t.inversion.teacher_labels, t.distillation.teacher_signal,
             t.distillation.trainable) == (True, "all", "histogram", "routed", "all")
+    assert not t.teacher_check and preset("default") == replace(t, teacher_check=True)
     with pytest.raises(DMMError, match="unknown DMM preset"):
         preset("best")
+
+
+@pytest.mark.parametrize("transfer", [True, False])
+def test_the_teacher_check_chooses_whole_network_transfer_or_the_head_only_refinement(
+        data, experts, monkeypatch, transfer):
+    import dmm.pipeline as P
+
+    # Prepare: the check's verdict fixed, the default's structure at a tiny budget
+    student = trained_model(data, seed=5, steps=10)
+    monkeypatch.setattr(P, "teacher_check", lambda *a, **k: {"transfer": transfer})
+    cfg = P.preset("default", inversion={"n_images": 32, "batch_size": 16, "iterations": 3,
+                                         "bf16": False, "compile": False},
+                   distillation={"steps": 3, "batch_size": 16, "bf16": False})
+    counts = [[30, 30, 0, 0], [0, 30, 30, 0], [0, 0, 30, 30], [30, 0, 0, 30]]
+    # Execute
+    out, rep = refine(student, experts, cfg, n_samples=[60] * 4, input_shape=SHAPE,
+                      label_counts=counts)
+    # Assert: the verdict is reported; without transfer only the head moved
+    assert rep.distillation["teacher_check"] == {"transfer": transfer}
+    head = [n for n, m in out.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    moved = {k for k, v in student.state_dict().items() if v.is_floating_point()
+             and "running" not in k and not torch.equal(out.state_dict()[k], v)}
+    assert moved and (moved <= {f"{head}.weight", f"{head}.bias"}) != transfer
+
+
+def test_refine_resolves_what_its_inputs_cannot_give():
+    from dmm.pipeline import _resolve, preset
+    from dmm.models import create
+
+    image = create("resnet18", num_classes=4, in_channels=1, width=0.125)
+    # no label histograms: the teachers' own predictions as targets, said in a note
+    cfg, notes = _resolve(preset("default"), image, None)
+    assert cfg.inversion.teacher_labels == "prediction" and "label histograms" in notes[0]
+    cfg, notes = _resolve(preset("default"), image, [[1, 1, 1, 1]])
+    assert cfg == preset("default") and notes == []
+    # image + text models: the head-only refinement (pairs have no domain inversion yet)
+    pair = create("image_text", num_classes=4, in_channels=1, text_dim=8)
+    cfg, notes = _resolve(preset("default", seed=4), pair, [[1, 1, 1, 1]])
+    assert cfg.inversion.mode == "merged" and not cfg.distill and cfg.seed == 4
+    assert "image + text" in notes[0]

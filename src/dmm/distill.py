@@ -203,6 +203,33 @@ def estimate_label_counts(teachers: list[nn.Module], pseudo, n_samples, *,
 
 
 @torch.no_grad()
+def teacher_check(student: nn.Module, teachers: list[nn.Module], pseudo, label_counts, *,
+                  sources: list[int] | None = None, bf16: bool = True) -> dict:
+    """Data-free check whether the teachers know something the student does not.
+
+    On the pseudo-data, each sample labelled by the class it was synthesized for, it compares
+    the student's accuracy with that of the label-count routed ensemble of the teachers *other
+    than the sample's source* (score of class c: sum_k w_k^c softmax(T_k(x))_c with
+    w_k^c = n_k^c / sum_j n_j^c over those teachers): a teacher always recognizes its own
+    inversions, so only the others say whether the knowledge is shared and transferable. Where
+    the clients are one-class experts, no other teacher holds a sample's class and the ensemble
+    scores nothing; where they overlap, the others recognize it. `label_counts` (J, C),
+    `sources[j]` the `pseudo.source` id of teacher j (default j). Returns both accuracies and
+    `transfer` (the ensemble strictly better)."""
+    counts = torch.as_tensor(label_counts).float()                   # (J, C)
+    ids = torch.as_tensor(sources if sources is not None else list(range(len(teachers))))
+    probs = torch.stack([F.softmax(_logits(t, pseudo.images, bf16), 1) for t in teachers])
+    others = (ids.unsqueeze(1) != pseudo.source.unsqueeze(0)).float()  # (J, N)
+    w = counts.unsqueeze(1) * others.unsqueeze(2)                     # (J, N, C)
+    w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
+    scores = (w * probs).sum(0)                                       # (N, C)
+    y = pseudo.labels
+    ens = ((scores.argmax(1) == y) & (scores.amax(1) > 0)).float().mean().item()
+    stu = (_logits(student, pseudo.images, bf16).argmax(1) == y).float().mean().item()
+    return {"student_accuracy": stu, "others_ensemble_accuracy": ens, "transfer": ens > stu}
+
+
+@torch.no_grad()
 def _logits(model: nn.Module, x: I.Inputs, bf16: bool, batch: int = 512) -> torch.Tensor:
     model.eval()
     dev = model_device(model)

@@ -17,14 +17,14 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
 from dmm.bn import aggregate_bn_buffers
 from dmm.config import check_fields, check_range
-from dmm.distill import DistillConfig, distill, estimate_label_counts
+from dmm.distill import DistillConfig, distill, estimate_label_counts, teacher_check
 from dmm.divergence import SELECTIONS, divergence_scores
 from dmm.errors import DMMError
 from dmm.merging import merge_states
@@ -55,6 +55,10 @@ class DMMConfig:
     tau: float = 0.0                    # threshold on the combined z-score
     top_k: int = 3                      # selection="top_k": this many teachers
     beta: float = 0.5                   # weight of parameter vs statistics divergence, in [0, 1]
+    teacher_check: bool = False         # before distilling, check on the pseudo-data that the
+    #                                     teachers know something the student does not
+    #                                     (dmm.distill.teacher_check); if not, refine the head
+    #                                     only with CE on the same pool (DistillConfig defaults)
     inversion: InversionConfig = field(default_factory=lambda: InversionConfig(compile=True))
     distillation: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
@@ -100,16 +104,24 @@ class DMMConfig:
         self.distillation.validate()
 
 
-PRESETS = ("paper", "default", "head", "transfer")
+PRESETS = ("default", "transfer", "head", "paper")
+TRANSFER_IMAGES = 1280  # the domain pool
+TRANSFER_STEPS = 500    # distillation steps of the whole-network refinement (1,000 measured the same)
 
 
 def preset(name: str, **overrides) -> DMMConfig:
-    """Named configurations. `paper`: the paper read literally (inversion against the merged
-    model only, softmax teachers, counts as buffer weights). `default`: the configuration that
-    measured best on our protocol (see docs/dmm-core.md and benchmarks/bench_core.py); `head`
-    is the same head-only refinement under its own name. `transfer`: each client inverted
-    against its own statistics with targets from its label histogram, class-routed KD into the
-    whole network (needs the clients' `label_counts`, or estimates them).
+    """Named configurations (docs/dmm-core.md measures each).
+    - `default`: `transfer` with the teacher check: each client inverted against its own
+      statistics with targets from its label histogram, the pool checked for whether the
+      teachers know what the student does not (`dmm.distill.teacher_check`); if they do,
+      class-routed KD into the whole network, if not, the head-only CE refinement on the same
+      pool. Uses the clients' `label_counts` where the checkpoints carry them, estimates them
+      otherwise.
+    - `transfer`: the same without the check (always the whole-network routed KD).
+    - `head`: the head-only CE refinement on pseudo-data inverted from the merged model
+      (`DMMConfig()`, the default before issue 13).
+    - `paper`: the paper read literally (inversion against the merged model only, softmax
+      teachers filtered by Eq. 6, counts as buffer weights).
     `overrides` go through `with_overrides`: an unknown name is an error, nested `inversion` /
     `distillation` dicts update field by field, a config object replaces the whole part."""
     if name == "paper":
@@ -119,20 +131,19 @@ def preset(name: str, **overrides) -> DMMConfig:
                         distillation=DistillConfig(teacher_signal="softmax", optimizer="adam",
                                                    lr=1e-3, trainable="all", gamma=0.9,
                                                    eta=0.5))
-    elif name in ("default", "head"):  # head: the head-only refinement, by its own name
+    elif name == "head":
         cfg = DMMConfig()
-    elif name == "transfer":
-        # the clients' knowledge distilled into the whole network (issue 13, measured in
-        # docs/dmm-core.md; not the default: below `head` on FedAvg at alpha 0.01)
+    elif name in ("default", "transfer"):
         cfg = DMMConfig(
-            distill=True, selection="all",
+            distill=True, selection="all", teacher_check=name == "default",
             inversion=InversionConfig(mode="ensemble", merged_share=0.0,
-                                      teacher_labels="histogram", n_images=1280,
+                                      teacher_labels="histogram", n_images=TRANSFER_IMAGES,
                                       iterations=150, compile=True),
             distillation=DistillConfig(teacher_signal="routed", temperature=4.0,
                                        optimizer="adam", lr=1e-3, trainable="all",
-                                       steps=1000, gamma=0.0, eta=0.0, ce_weight=0.0,
-                                       update_bn=True, augment=False, cache_teachers=True))
+                                       steps=TRANSFER_STEPS, gamma=0.0, eta=0.0,
+                                       ce_weight=0.0, update_bn=True, augment=False,
+                                       cache_teachers=True))
     else:
         raise DMMError(f"unknown DMM preset {name!r}; choose one of {', '.join(PRESETS)}")
     return with_overrides(cfg, overrides, f"preset {name!r}") if overrides else cfg
@@ -167,6 +178,7 @@ class DMMReport:
     distillation: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what refine changed in the config, why
     pseudo: PseudoData | None = field(default=None, repr=False)  # for grids; not serialized
 
     def to_dict(self) -> dict:
@@ -207,7 +219,7 @@ def refine(
     `pseudo` reuses pseudo-data synthesized earlier (e.g. by another configuration of the same
     student and buffers) instead of synthesizing anew.
     """
-    cfg = config or DMMConfig()
+    cfg = config or preset("default")
     cfg.validate()
     if not teachers:
         raise DMMError("DMM needs at least one domain model (teacher)")
@@ -224,6 +236,7 @@ def refine(
     check_finite([state_of(model), *t_states], ["student", *[f"teacher {i}" for i in
                                                               range(len(t_states))]])
     shape, num_classes = probe_classifier(model, input_shape)
+    cfg, notes = _resolve(cfg, model, label_counts)
     reused = pseudo is not None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -239,7 +252,7 @@ def refine(
     div = divergence_scores(t_states, state_of(model), model, beta=cfg.beta,
                             mode=cfg.selection, tau=cfg.tau, top_k=cfg.top_k)
     selected = div.selected if cfg.distill else []
-    report = DMMReport(div.to_dict(), selected, config=cfg.to_dict())
+    report = DMMReport(div.to_dict(), selected, config=cfg.to_dict(), notes=notes)
     log.info("divergent teachers: %s", selected)
 
     if cfg.inversion_augmentation or (cfg.distill and selected):
@@ -261,7 +274,7 @@ def refine(
         dcfg.kd_weight = dcfg.kd_weight if (cfg.distill and selected) else 0.0
         dcfg.ce_weight = dcfg.ce_weight if cfg.inversion_augmentation else 0.0
         counts = None
-        if dcfg.kd_weight > 0 and dcfg.teacher_signal == "routed":
+        if dcfg.kd_weight > 0 and (dcfg.teacher_signal == "routed" or cfg.teacher_check):
             if label_counts is not None:
                 counts = torch.as_tensor([list(label_counts[i]) for i in selected])
             else:
@@ -269,6 +282,13 @@ def refine(
                                                [n_samples[i] if n_samples else 1
                                                 for i in selected], sources=selected)
                 report.distillation["label_counts_estimated"] = counts.tolist()
+        if dcfg.kd_weight > 0 and cfg.teacher_check:
+            check = teacher_check(model, [teacher_mods[i] for i in selected], pseudo, counts,
+                                  sources=selected, bf16=dcfg.bf16)
+            report.distillation["teacher_check"] = check
+            log.info("teacher check: %s", check)
+            if not check["transfer"]:  # the teachers know nothing the student lacks
+                dcfg = DistillConfig(bf16=dcfg.bf16, kd_weight=0.0)  # the head-only recipe
         model, drep = distill(model, [teacher_mods[i] for i in selected], pseudo.images,
                               pseudo.labels, dcfg, label_counts=counts, seed=cfg.seed,
                               progress=progress)
@@ -281,6 +301,26 @@ def refine(
     report.timings = timings
     model.eval()
     return model, report
+
+
+def _resolve(cfg: DMMConfig, model: nn.Module, label_counts) -> tuple[DMMConfig, list[str]]:
+    """What `cfg` becomes for this model and these inputs (each change is a report note):
+    - no label histograms for `teacher_labels="histogram"`: each teacher's targets are its own
+      predictions on its inversions instead (the routed signal then estimates the histograms);
+    - an image + text model under the default (teacher-checked) configuration: the head-only
+      refinement on merged inversions (`head`), since pairs have no domain inversion yet."""
+    notes = []
+    if getattr(model, "text_dim", None) and cfg.teacher_check and cfg.inversion.mode != "merged":
+        notes.append("image + text model: no domain inversion of pairs, so the head-only "
+                     "refinement (preset 'head') runs")
+        return preset("head", seed=cfg.seed, buffer_weights=cfg.buffer_weights,
+                      inversion={"compile": cfg.inversion.compile}), notes
+    inv = cfg.inversion
+    if label_counts is None and inv.mode == "ensemble" and inv.teacher_labels == "histogram":
+        notes.append("no label histograms given: each teacher's inversion targets are its own "
+                     "predictions, the routed weights are estimated")
+        cfg = replace(cfg, inversion=replace(inv, teacher_labels="prediction"))
+    return cfg, notes
 
 
 def _bn_summary(pseudo: PseudoData) -> dict:
@@ -309,7 +349,7 @@ def merge_and_refine(
     With `exclude_divergent`, the merge is redone over the non-divergent models only (the
     paper's "merge the similar models first"); all models still serve as teachers.
     """
-    cfg = config or DMMConfig()
+    cfg = config or preset("default")
     template = template or next((m for m in models if isinstance(m, nn.Module)), None)
     if template is None:
         raise DMMError("state dicts only: pass template=<a module of the architecture>")

@@ -35,22 +35,34 @@ if TYPE_CHECKING:
 
 # ---- configurations (what enters the cache key) -------------------------------------------
 
-def dmm_config(variant: str, spec: BenchSpec, seed: int) -> DMMConfig:
-    """The DMM preset of a row (`buffer` = default without inversion and distillation) at the
-    bench's inversion and distillation budget."""
-    base = "default" if variant == "buffer" else variant
-    over: dict = {"seed": seed,
-                  "inversion": {"n_images": spec.inversion_images,
-                                "iterations": spec.inversion_iters, "compile": spec.compile},
-                  "distillation": {"steps": spec.distill_steps}}
+def dmm_config(variant: str, spec: BenchSpec, seed: int, overrides: dict | None = None
+               ) -> DMMConfig:
+    """The DMM preset of a row (`buffer` = head without inversion and distillation) with the
+    row's `overrides`, at the bench's inversion and distillation budget where the spec sets
+    one (a budget of None keeps the preset's own)."""
+    base = "head" if variant == "buffer" else variant
+    over: dict = {"seed": seed, "inversion": {"compile": spec.compile}, "distillation": {}}
+    if spec.inversion_images is not None:
+        over["inversion"].update(n_images=spec.inversion_images,
+                                 iterations=spec.inversion_iters)
+    if spec.distill_steps is not None:
+        over["distillation"]["steps"] = spec.distill_steps
     if variant == "buffer":
         over.update(inversion_augmentation=False, distill=False)
+    for k, v in (overrides or {}).items():
+        over[k] = {**over[k], **v} if isinstance(v, dict) and k in over else v
     return preset(base, **over)
 
 
 def dense_config(spec: BenchSpec) -> DenseConfig:
-    return DenseConfig(budget_images=spec.inversion_images * spec.inversion_iters,
-                       budget_scale=spec.dense_budget_scale)
+    """DENSE gets DMM's synthesis budget (images x iterations): the spec's, or the default
+    preset's where the spec keeps each preset's own."""
+    if spec.inversion_images is not None:
+        budget = spec.inversion_images * spec.inversion_iters
+    else:
+        inv = preset("default").inversion
+        budget = inv.n_images * inv.iterations
+    return DenseConfig(budget_images=budget, budget_scale=spec.dense_budget_scale)
 
 
 # ---- builders -----------------------------------------------------------------------------
@@ -81,16 +93,20 @@ def merge_row(name: str, pretty_name: str, method: str, params: dict, **kw) -> R
     return Row(name, pretty_name, "oneshot", build, config, **kw)
 
 
-def dmm_row(name: str, pretty_name: str, student: str, variant: str, **kw) -> Row:
-    """DMM refinement (`variant`: default | paper | buffer) of a student: the FedAvg global
-    model (`student="fedavg"`) or a merge row's result (`student=` that row's name), with the
-    regime's client models as teachers."""
+def dmm_row(name: str, pretty_name: str, student: str, variant: str, *,
+            overrides: dict | None = None, histograms: bool = True, **kw) -> Row:
+    """DMM refinement (`variant`: a DMM preset name, or `buffer`) of a student: the FedAvg
+    global model (`student="fedavg"`) or a merge row's result (`student=` that row's name),
+    with the regime's client models as teachers. `overrides` change the preset (ablations);
+    `histograms=False` withholds the clients' label histograms (ownership estimated)."""
     merge = ROW_MERGES.get(student)
 
     def config(spec, seed):
-        d = {"dmm": dmm_config(variant, spec, seed).to_dict()}
+        d = {"dmm": dmm_config(variant, spec, seed, overrides).to_dict()}
         if merge is not None:
             d["merge"] = _merge_config(*merge, seed)
+        if not histograms:  # only when withheld, so that the other rows' keys stay put
+            d["label_counts"] = "estimated"
         return d
 
     def build(group):
@@ -100,9 +116,14 @@ def dmm_row(name: str, pretty_name: str, student: str, variant: str, **kw) -> Ro
             info = {"merge_s": merge_s}
         else:
             state, merge_s, info = t.global_state, 0.0, {}
-        out, rep = group.refine(student, state, t, dmm_config(variant, group.spec, group.seed))
+        cfg = dmm_config(variant, group.spec, group.seed, overrides)
+        out, rep = group.refine(student, state, t, cfg, histograms=histograms)
         info.update(train_s=t.wall_time, refine_s=rep.timings["total_s"],
-                    divergence=rep.divergence, teachers=rep.teachers, inversion=rep.inversion)
+                    divergence=rep.divergence, teachers=rep.teachers, inversion=rep.inversion,
+                    timings=rep.timings, notes=rep.notes,
+                    distillation={k: v for k, v in rep.distillation.items()
+                                  if k in ("teacher_check", "label_counts_estimated",
+                                           "seconds", "steps")})
         # as if the row ran alone: its merge, plus the refinement with its synthesis even
         # when the pseudo-data were shared (refine's total_s counts reused synthesis)
         info["row_s"] = merge_s + info["refine_s"]
@@ -123,6 +144,22 @@ def _ensemble(group):
     return out, {"train_s": t.wall_time, "row_s": time.perf_counter() - t0}
 
 
+def _ensemble_routed(group):
+    """The label-count routed ensemble (FedFTG's class-level ensemble): class c's probability
+    is sum_k w_k^c p_k(c | x), w_k^c = n_k^c / sum_j n_j^c, each client's share of class c."""
+    from dmm.evaluate import predict_logits
+
+    t = group.trained("oneshot")
+    t0 = time.perf_counter()
+    p = torch.stack([F.softmax(predict_logits(group.model(s), group.data.x_test,
+                                              group.data.normalize).float(), 1)
+                     for s in t.clients])                                    # (K, N, C)
+    w = torch.as_tensor(t.label_counts, dtype=torch.float)                  # (K, C)
+    routed = (p * (w / w.sum(0).clamp_min(1)).unsqueeze(1)).sum(0)
+    return routed.clamp_min(1e-12).log(), {"train_s": t.wall_time,
+                                           "row_s": time.perf_counter() - t0}
+
+
 def _dense(group):
     from dmm.dense import dense_distill
 
@@ -140,7 +177,7 @@ def _dense(group):
 # ---- the rows, in table order -------------------------------------------------------------
 # merge rows whose result a DMM row can refine: row name -> (method, params)
 ROW_MERGES = {"pleas": ("pleas", {}), "rebasin": ("rebasin", {"bn_reset": True}),
-              "cat": ("cat", {"scale": 1.0})}
+              "cat": ("cat", {"scale": 1.0}), "average": ("average", {})}
 
 register_row(global_row("fedavg", "FedAvg", "fedavg", image_text=True, ablation=("fedavg", 0)))
 register_row(global_row("fedprox", "FedProx", "fedprox", image_text=True))
@@ -166,3 +203,25 @@ register_row(dmm_row("cat+buffer", "Cat-Merge + buffer aggregation", "cat", "buf
                      section="ablation", ablation=("cat", 1)))
 register_row(dmm_row("cat+dmm_paper", "Cat-Merge + full DMM (paper preset, with KD)", "cat",
                      "paper", section="ablation", ablation=("cat", 3)))
+register_row(dmm_row("fedavg+dmm_head", "FedAvg + DMM, head only (preset head)", "fedavg",
+                     "head", section="ablation", image_text=True, ablation=("fedavg", 4)))
+register_row(dmm_row("cat+dmm_head", "Cat-Merge + DMM, head only (preset head)", "cat", "head",
+                     section="ablation", ablation=("cat", 4)))
+# the transfer grid (issue 13): the plain average of the one-shot clients, refined
+register_row(Row("ensemble_routed", "Ensemble, label-count routed (reference)", "oneshot",
+                 _ensemble_routed, section="reference"))
+register_row(merge_row("average", "Average (weights by samples)", *ROW_MERGES["average"],
+                       section="reference", ablation=("average", 0)))
+register_row(dmm_row("average+dmm", "Average + DMM", "average", "default", section="reference",
+                     ablation=("average", 1)))
+register_row(dmm_row("average+dmm_merged", "Average + DMM, merged-only inversion", "average",
+                     "default", overrides={"inversion": {"mode": "merged"}},
+                     section="ablation", ablation=("average", 2)))
+register_row(dmm_row("average+dmm_plain", "Average + DMM, plain softmax teachers", "average",
+                     "default", overrides={"distillation": {"teacher_signal": "softmax"}},
+                     section="ablation", ablation=("average", 3)))
+register_row(dmm_row("average+dmm_estimated", "Average + DMM, ownership estimated", "average",
+                     "default", histograms=False, section="ablation", ablation=("average", 4)))
+register_row(dmm_row("fedavg+dmm_transfer", "FedAvg + DMM without the teacher check "
+                     "(preset transfer)", "fedavg", "transfer", section="ablation",
+                     ablation=("fedavg", 5)))

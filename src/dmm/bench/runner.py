@@ -54,6 +54,8 @@ class Trained:
             meta = json.loads((folder / "meta.json").read_text())
             self.wall_time: float = float(meta["wall_time_s"])
             self.n_samples: list[int] = [int(n) for n in meta["n_samples"]]
+            # the clients' label histograms (the split's counts; older entries lack them)
+            self.label_counts: list[list[int]] | None = meta.get("label_counts")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DMMError(f"{folder / 'meta.json'}: damaged bench cache entry ({e}); delete "
                            "the folder to retrain") from e
@@ -182,15 +184,19 @@ class Group:
         info.setdefault("row_s", time.perf_counter() - t0)
         return out, info
 
-    def refine(self, student_name: str, state: StateDict, t: Trained, cfg):
-        """DMM refinement of `state` with the regime's clients as teachers; pseudo-data of
-        identical inversions are shared by the rows of the group."""
+    def refine(self, student_name: str, state: StateDict, t: Trained, cfg, *,
+               histograms: bool = True):
+        """DMM refinement of `state` with the regime's clients as teachers (and their label
+        histograms unless `histograms=False`); pseudo-data of identical inversions are shared
+        by the rows of the group."""
         from dmm.pipeline import refine
-        key = json.dumps([student_name, cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed])
+        counts = t.label_counts if histograms else None  # None: estimated (a report note)
+        key = json.dumps([student_name, cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed,
+                          histograms])
         teachers = [self.model(s) for s in t.clients]
         model, rep = refine(self.model(state), teachers, cfg, n_samples=t.n_samples,
                             input_shape=self.input_shape, pixel_range=self.data.pixel_range,
-                            pseudo=self._pseudo.get(key))
+                            pseudo=self._pseudo.get(key), label_counts=counts)
         if rep.pseudo is not None and key not in self._pseudo:
             self._pseudo[key] = rep.pseudo
             if self.grids_dir is not None and self.seed == self.spec.seeds[0]:

@@ -18,7 +18,13 @@ from dmm.errors import DMMError
 # ---- rows (registered in dmm.bench.registry; presets list their names) -------------------
 TABLE1 = ["fedavg", "fedprox", "fedbn", "fedavg+dmm", "pleas", "rebasin", "cat", "cat+dmm"]
 REFERENCES = ["ensemble", "central", "dense"]
-ABLATIONS = ["fedavg+buffer", "fedavg+dmm_paper", "cat+buffer", "cat+dmm_paper"]
+ABLATIONS = ["fedavg+buffer", "fedavg+dmm_paper", "fedavg+dmm_head", "cat+buffer",
+             "cat+dmm_paper", "cat+dmm_head"]
+# the transfer grid: federated rows at alpha 0.1 and 0.01, one-shot rows at every alpha
+FEDERATED_TRANSFER = ["fedavg", "fedavg+dmm", "fedavg+dmm_head", "fedavg+dmm_paper",
+                      "fedavg+dmm_transfer"]
+ONESHOT_TRANSFER = ["ensemble", "ensemble_routed", "average", "average+dmm", "dense",
+                    "average+dmm_merged", "average+dmm_plain", "average+dmm_estimated"]
 # image + text data sets (ImageTextNet): only the rows registered with image_text=True apply.
 # Git Re-Basin needs a permutation spec of the model, PLeaS and CAT hook single-input conv/linear
 # layers, DENSE generates images only; none of them has an image + text form here.
@@ -46,9 +52,13 @@ class BenchSpec:
     lr: float = 0.05
     mu: float = 0.01                     # FedProx
     min_size: int = 10
-    inversion_images: int = 384          # DMM (and the DENSE budget): images x iterations
-    inversion_iters: int = 150
-    distill_steps: int = 200
+    # rows listed here run only at these alphas (the transfer grid: federated rows at 0.1 and
+    # 0.01, one-shot rows at every alpha); rows not listed run at every alpha
+    row_alphas: dict[str, list[float]] = field(default_factory=dict)
+    # DMM's budget (and DENSE's: images x iterations); None keeps each preset's own
+    inversion_images: int | None = 384
+    inversion_iters: int | None = 150
+    distill_steps: int | None = 200
     dense_budget_scale: float = 1.0
     compile: bool = True                 # torch.compile the inversion (3.6x faster steps)
     device: str = "cpu"
@@ -88,6 +98,11 @@ class BenchSpec:
             v = getattr(self, name)
             if not isinstance(v, list) or not all(ok(x) for x in v):
                 raise DMMError(f"bench setting {name} must be a list of {kind}, got {v!r}")
+        if not isinstance(self.row_alphas, dict) or not all(
+                isinstance(v, list) and all(is_num(a) for a in v)
+                for v in self.row_alphas.values()):
+            raise DMMError(f"bench setting row_alphas must map row names to lists of alphas, "
+                           f"got {self.row_alphas!r}")
 
     def validate(self) -> None:
         self.check_types()
@@ -97,6 +112,12 @@ class BenchSpec:
         if bad:
             raise DMMError(f"unknown bench row(s) {', '.join(bad)}; choose from "
                            f"{', '.join(ROWS)}")
+        bad = [r for r in self.row_alphas if r not in self.rows]
+        if bad:
+            raise DMMError(f"row_alphas names row(s) {', '.join(bad)} that the grid does not run")
+        if (self.inversion_images is None) != (self.inversion_iters is None):
+            raise DMMError("inversion_images and inversion_iters are set together (or both "
+                           "None: each preset's own budget)")
         if self.arch == "image_text":
             bad = [r for r in self.rows + self.k_rows if not ROWS[r].image_text]
             if bad:
@@ -110,7 +131,7 @@ class BenchSpec:
             raise DMMError("every number of clients must be >= 2")
         for name in ("rounds", "local_iters", "batch_size", "min_size", "inversion_images",
                      "inversion_iters", "distill_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DMMError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise DMMError(f"device must be cpu or cuda[:N], got {self.device!r}")
@@ -119,7 +140,7 @@ class BenchSpec:
     def cells(self) -> list[Cell]:
         """Every cell once (repeated alphas, seeds, rows or K values count once)."""
         out = [Cell(a, self.clients, s, r) for a in self.alphas for s in self.seeds
-               for r in self.rows]
+               for r in self.rows if a in self.row_alphas.get(r, [a])]
         for k in self.k_values:
             if k == self.clients:
                 continue
@@ -161,7 +182,8 @@ _INT = ("clients", "rounds", "local_iters", "batch_size", "min_size", "inversion
         "inversion_iters", "distill_steps", "n_train", "n_test")
 _NUM = ("width", "lr", "mu", "dense_budget_scale")
 _STR = ("dataset", "arch", "device", "data_root")
-_OPTIONAL = ("n_train", "n_test", "data_root")
+_OPTIONAL = ("n_train", "n_test", "data_root", "inversion_images", "inversion_iters",
+             "distill_steps")
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,12 @@ PRESETS: dict[str, BenchSpec] = {
     # the paper's grid, sized by measurement for 2 CPU cores (README, "Benchmark")
     "paper": BenchSpec(alphas=[0.5, 0.1, 0.01], seeds=[0, 1, 2], rounds=10,
                        k_values=[5, 10, 20]),
+    # does DMM carry what the clients know (issue 13): DESIGN §7 protocol (60 rounds x 10
+    # iterations), each DMM preset at its own budget
+    "transfer": BenchSpec(alphas=[0.5, 0.1, 0.01], seeds=[0, 1, 2], rounds=60,
+                          rows=FEDERATED_TRANSFER + ONESHOT_TRANSFER,
+                          row_alphas={r: [0.1, 0.01] for r in FEDERATED_TRANSFER},
+                          inversion_images=None, inversion_iters=None, distill_steps=None),
 }
 
 
