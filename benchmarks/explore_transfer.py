@@ -36,7 +36,7 @@ from dmm.jobs import DataConfig, TrainJob, train
 from dmm.merging import merge_states
 from dmm.pipeline import preset, refine
 
-# ---- the variants (overrides of the head preset, or (preset, overrides)) -------------------------------------------
+# ---- the variants (overrides of the head preset, or (preset, overrides)) ---------------
 DOMAIN = {"mode": "ensemble", "merged_share": 0.0, "teacher_labels": "histogram",
           "n_images": 1280, "iterations": 150}
 KD = {"teacher_signal": "routed", "temperature": 4.0, "optimizer": "adam", "lr": 1e-3,

@@ -137,7 +137,8 @@ def test_same_seed_gives_a_bitwise_identical_merged_checkpoint(tmp_path, clients
     assert r.returncode == 0 and out.read_bytes() != outs[0]
 
 
-def test_merge_with_the_transfer_preset_reads_the_label_histograms_or_estimates_them(tmp_path, clients):
+def test_merge_with_the_transfer_preset_reads_the_label_histograms_or_estimates_them(
+        tmp_path, clients):
     # Prepare: the same clients with and without label histograms
     d = tmp_path / "with_counts"
     for k, ck in enumerate(checkpoint.load_dir(clients)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 from dataclasses import replace
 
 import pytest
@@ -189,8 +188,8 @@ def test_the_teacher_check_chooses_whole_network_transfer_or_the_head_only_refin
 
 
 def test_refine_resolves_what_its_inputs_cannot_give():
-    from dmm.pipeline import _resolve, preset
     from dmm.models import create
+    from dmm.pipeline import _resolve, preset
 
     image = create("resnet18", num_classes=4, in_channels=1, width=0.125)
     # no label histograms: the teachers' own predictions as targets, said in a note

@@ -106,7 +106,7 @@ class DMMConfig:
 
 PRESETS = ("default", "transfer", "head", "paper")
 TRANSFER_IMAGES = 1280  # the domain pool
-TRANSFER_STEPS = 500    # distillation steps of the whole-network refinement (1,000 measured the same)
+TRANSFER_STEPS = 500    # whole-network distillation steps (1,000 measured the same)
 
 
 def preset(name: str, **overrides) -> DMMConfig:
