@@ -37,18 +37,19 @@ from dmm.pipeline import DMMConfig, preset, refine
 
 def rows() -> dict[str, DMMConfig | None]:
     off = dict(inversion_augmentation=False, distill=False)
-    full_net = preset("default", distillation={"lr": 1e-3, "trainable": "all"})
-    experts = preset("default", distill=True, selection="all")
+    full_net = preset("head", distillation={"lr": 1e-3, "trainable": "all"})
+    experts = preset("head", distill=True, selection="all")
     experts.distillation.teacher_signal = "experts"
     experts.distillation.gamma = experts.distillation.eta = 0.0
     return {
         "FedAvg": None,
-        "+ buffer aggregation (samples)": preset("default", buffer_weights="samples", **off),
-        "+ buffer aggregation (counts, Eq. 3-4)": preset("default", **off),
+        "+ buffer aggregation (samples)": preset("head", buffer_weights="samples", **off),
+        "+ buffer aggregation (counts, Eq. 3-4)": preset("head", **off),
         "+ inversion augmentation, whole network (SGD 1e-3)": full_net,
-        "+ inversion augmentation, head only (= DMM default)": preset("default"),
+        "+ inversion augmentation, head only (= preset head)": preset("head"),
         "DMM paper (+ selective KD, softmax, Adam)": preset("paper"),
-        "DMM default + KD experts (all teachers)": experts,
+        "DMM default (domain inversion, teacher check)": preset("default"),
+        "preset head + KD experts (all teachers)": experts,
     }
 
 
@@ -79,7 +80,8 @@ def bench_seed(run: Path, data, names: dict[str, DMMConfig | None]) -> dict:
         else:
             key = json.dumps([cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed])
             model, rep = refine(glob, teachers, cfg, n_samples=n, input_shape=(1, 32, 32),
-                                pixel_range=data.pixel_range, pseudo=pseudo_cache.get(key))
+                                pixel_range=data.pixel_range, pseudo=pseudo_cache.get(key),
+                                label_counts=part["label_counts"])
             if rep.pseudo is not None:
                 pseudo_cache.setdefault(key, rep.pseudo)
             seconds = rep.timings["total_s"]

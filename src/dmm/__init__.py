@@ -2,8 +2,9 @@
 Disconnected Modes", ICASSP 2026).
 
     import dmm
-    merged, report = dmm.merge(models, method="average", config=dmm.DMMConfig())
-    refined, report = dmm.refine(student, teachers, dmm.DMMConfig(), n_samples=sizes)
+    merged, report = dmm.merge(models, method="average", config=dmm.preset("default"))
+    refined, report = dmm.refine(student, teachers, dmm.preset("default"), n_samples=sizes,
+                                 label_counts=histograms)
 """
 
 __version__ = "0.1.0"

@@ -77,8 +77,15 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int = ROUNDS, n_train: int | N
     t0 = time.perf_counter()
     refined, rep = refine(model, clients, dmm_cfg, n_samples=fed.n_samples,
                           input_shape=tuple(data.x_train.shape[1:]), pixel_range=data.pixel_range,
-                          progress=True)
+                          label_counts=part.counts.tolist(), progress=True)
     rows.append(row("FedAvg + DMM", refined, time.perf_counter() - t0))
+    check = rep.distillation.get("teacher_check")
+    if check is not None:
+        report(f"DMM teacher check: the clients' routed ensemble scores "
+               f"{100 * check['others_ensemble_accuracy']:.1f}% on each other's pseudo-data, "
+               f"the global model {100 * check['student_accuracy']:.1f}%: "
+               + ("whole-network transfer" if check["transfer"] else
+                  "nothing to transfer, head-only refinement"))
     pseudo = rep.pseudo
     if pseudo is not None:
         save_grid(pseudo.images, pseudo.labels, out / "pseudo_data.png", mean=data.mean,

@@ -73,8 +73,11 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
     out += _table(records, main, alphas, spec.clients)
     abl = _table(records, ablation_rows(), alphas, spec.clients)
     if any(ROWS[r["row"]].section == "ablation" for r in records):
-        out += ["", "**Ablations** (+ DMM = buffer aggregation + inversion augmentation, "
-                    "the default; full DMM = the paper preset, with selective KD)", ""] + abl
+        out += ["", "**Ablations** (+ DMM = the default preset: the clients' own-statistics "
+                    "inversion, then routed KD into the whole network where the teacher check "
+                    "finds shared knowledge, else the head-only refinement; head only = preset "
+                    "`head`, the default before issue 13; full DMM = the paper preset, with "
+                    "selective KD)", ""] + abl
     rare = _table(records, main, alphas, spec.clients, "rare_class_accuracy")
     if rare:
         out += ["", "**Rare-class accuracy** (classes with >= 90% of their samples on one "
