@@ -7,9 +7,13 @@ merging methods, the ensemble and DENSE; a centrally trained model (the oracle).
 `dmm_row`). Choices, stated:
 - Git Re-Basin resets BN statistics after merging, as its paper does, on pseudo-data from every
   client's own statistics (no data; `merge --bn-reset`).
-- "+ DMM" is the default preset (buffer aggregation + inversion augmentation, head only, no KD);
-  "+ full DMM (paper preset)" adds the paper's selective KD (docs/dmm-core.md says why they
-  differ). "+ buffer aggregation" only pools the BN statistics.
+- "+ DMM" is the default preset (each client inverted against its own statistics, the teacher
+  check, then class-routed KD into the whole network or the head-only refinement); "head only"
+  is preset `head` (buffer aggregation + inversion augmentation, classifier layer, no KD; the
+  default before issue 13); "+ full DMM (paper preset)" is the paper's selective KD
+  (docs/dmm-core.md says why they differ). "+ buffer aggregation" only pools the BN statistics.
+- DMM rows get the clients' label histograms (the split's counts, as `dmm train` writes them)
+  unless a row withholds them (`histograms=False`: ownership estimated).
 - The ensemble averages the clients' softmax outputs (each client with its own BN).
 - The oracle trains one model on the union of the client data for rounds x local iterations
   steps (1/K of FedAvg's compute).
