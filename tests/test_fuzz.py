@@ -221,3 +221,35 @@ def test_fuzz_command_line(files, tmp_path_factory, data, capsys):
     if rc != 0:
         leftovers = [p for p in out.rglob("*") if p.is_file()]
         assert not leftovers, (argv, leftovers)
+
+
+def _peak_mib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@FUZZ
+@given(width=st.floats(0.01, 1000.0), classes=st.integers(1, 10**9),
+       channels=st.integers(1, 10**6), arch=st.sampled_from(["resnet8", "resnet18"]))
+def test_fuzz_architecture_arguments_never_allocate_what_the_file_lacks(
+        files, tmp_path_factory, width, classes, channels, arch):
+    """Metadata naming an architecture anywhere in its valid range over a small file's tensors
+    (width up to 10^3, classes up to 10^9, channels up to 10^6): validation and build either
+    work (the arguments are the file's) or raise DMMError, and the process's peak memory stays
+    under 512 MiB above where the test began (the named models reach terabytes)."""
+    d, _ = files
+    base = getattr(test_fuzz_architecture_arguments_never_allocate_what_the_file_lacks,
+                   "start_mib", None)
+    if base is None:
+        base = _peak_mib()
+        test_fuzz_architecture_arguments_never_allocate_what_the_file_lacks.start_mib = base
+    ck = checkpoint.load(d / "clients" / "client_000.safetensors")
+    ck.meta = {**ck.meta, "arch": arch,
+               "arch_kwargs": {"width": width, "num_classes": classes, "in_channels": channels}}
+    try:
+        validate_checkpoint(ck)
+        ck.build()
+        event("fits")
+    except DMMError:
+        event("refused")
+    assert _peak_mib() - base < 512, f"peak memory grew to {_peak_mib():.0f} MiB"

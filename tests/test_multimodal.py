@@ -83,12 +83,12 @@ def test_multimodal_refine_runs_end_to_end():
         t = mm_model()
         t.load_state_dict(s)
         teachers.append(t.eval())
-    cfg = preset("default")
+    cfg = preset("default")  # image + text: resolved to the head-only refinement
     cfg.inversion = InversionConfig(n_images=16, batch_size=16, iterations=5, compile=False)
-    cfg.distillation.steps = 5
     refined, rep = refine(glob, teachers, cfg, n_samples=res.n_samples,
                           input_shape=data.input_shape, pixel_range=data.pixel_range)
     assert isinstance(rep.pseudo.images, tuple) and rep.timings["distill_s"] > 0
+    assert "image + text" in rep.notes[0] and rep.config["inversion"]["n_images"] == 16
     # buffers are the pooled statistics, the fused BN1d included; the image encoder is frozen
     pooled = aggregate_bn_buffers(res.client_states, glob, into=state_of(glob))
     st = state_of(refined)

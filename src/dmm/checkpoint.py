@@ -55,19 +55,47 @@ class Checkpoint:
                            f"of non-negative integers, got {str(c)[:80]}")
         return c
 
-    def new_model(self) -> nn.Module:
+    def new_model(self, *, meta: bool = False) -> nn.Module:
         """A fresh model of the architecture the metadata names. The metadata is untrusted:
         the name and keyword arguments are checked, and a user module is imported only if
-        trusted (`dmm.models.registry.check_trusted`)."""
+        trusted (`dmm.models.registry.check_trusted`). `meta`: built on the meta device (shapes
+        and dtypes, no memory), so that a file cannot make dmm allocate what it does not hold
+        before `dmm.validate` compared the two."""
         where = str(self.path or "checkpoint")
         name, kwargs = self.meta.get("arch"), self.meta.get("arch_kwargs", {})
         if not isinstance(name, str) or not isinstance(kwargs, dict):
             raise DMMError(f"{where}: metadata 'arch' must be a name and 'arch_kwargs' an object")
         check_trusted(name, where)
-        return create(name, **kwargs)
+        if not meta:
+            return create(name, **kwargs)
+        with torch.device("meta"):
+            try:
+                return create(name, **kwargs)
+            except DMMError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a class that cannot be built on meta
+                raise DMMError(f"{where}: {name} cannot be built to check the file against "
+                               f"it ({type(e).__name__}: {e})") from e
 
     def build(self) -> nn.Module:
-        """Instantiate the architecture and load the weights (strict)."""
+        """Instantiate the architecture and load the weights (strict). The architecture is
+        first built on the meta device and compared with the file's tensors (keys, shapes,
+        dtypes): only a file that fits is materialized, so metadata that names a model larger
+        than the file's tensors (a width of 400, 10^9 classes) is one error, not an
+        allocation."""
+        where = self.path or "checkpoint"
+        template = self.new_model(meta=True).state_dict()
+        lazy = isinstance(self.state, LazyState)
+        for k, t in template.items():
+            if k not in self.state:
+                raise DMMError(f"{where}: weights do not fit {self.arch}: key {k} is missing")
+            shape, dtype = (self.state.shape_of(k), self.state.dtype_of(k)) if lazy else \
+                (tuple(self.state[k].shape), self.state[k].dtype)
+            if tuple(shape) != tuple(t.shape) or dtype != t.dtype:
+                raise DMMError(f"{where}: weights do not fit {self.arch}: key {k} is "
+                               f"{tuple(shape)} {dtype}, the architecture's "
+                               f"{tuple(t.shape)} {t.dtype}")
+        check_memory(state_bytes(template), where)
         model = self.new_model()
         try:
             model.load_state_dict(self.state, strict=True)
@@ -76,6 +104,30 @@ class Checkpoint:
             raise DMMError(f"{self.path or 'checkpoint'}: weights do not fit {self.arch}: "
                            f"{' '.join(first[:3])[:300]}") from e
         return model
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes the tensors of a state dict take (meta tensors included)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(nbytes: int, where: object) -> None:
+    """One line naming `where` and the size if `nbytes` exceed the memory available now."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise DMMError(f"{where}: the model needs {nbytes / 2**30:.1f} GiB, only "
+                       f"{free / 2**30:.1f} GiB of memory are available")
 
 
 # safetensors dtype names -> torch dtypes (the ones a state dict holds)
@@ -157,22 +209,28 @@ class LazyState(Mapping):
     def shape_of(self, key: str) -> tuple[int, ...]:
         return self._index[key][1]
 
+    def dtype_of(self, key: str) -> torch.dtype:
+        return self._index[key][0]
 
-def open_lazy(path: str | Path) -> Checkpoint:
+
+def open_lazy(path: str | Path, *, require_arch: bool = True) -> Checkpoint:
     """A checkpoint whose `state` is a LazyState: metadata now, tensors on access."""
     path = Path(path)
     if not path.is_file():
         raise DMMError(f"{path}: no such checkpoint file")
     state = LazyState(path)
-    return Checkpoint(state, _meta(path, state.metadata), path)
+    return Checkpoint(state, _meta(path, state.metadata, require_arch), path)
 
 
-def _meta(path: Path, header: dict) -> dict:
+def _meta(path: Path, header: dict, require_arch: bool = True) -> dict:
+    """dmm's metadata of a safetensors header ({} for a plain file unless `require_arch`)."""
     try:
         meta = json.loads(header.get(META_KEY, "{}"))
     except (json.JSONDecodeError, TypeError) as e:
         raise DMMError(f"{path}: metadata is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or "arch" not in meta:
+    if not isinstance(meta, dict):
+        raise DMMError(f"{path}: metadata is not a JSON object")
+    if require_arch and "arch" not in meta:
         raise DMMError(f"{path}: metadata names no architecture ('arch')")
     return meta
 
@@ -197,8 +255,9 @@ def save(path: str | Path, model_or_state: nn.Module | StateDict, **meta: Any) -
     return path
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by `save` (or any safetensors file with an `arch` in `meta`)."""
+def load(path: str | Path, *, require_arch: bool = True) -> Checkpoint:
+    """Read a checkpoint written by `save` (or any safetensors file with an `arch` in `meta`;
+    without `require_arch`, any safetensors file: its dmm metadata may be empty)."""
     path = Path(path)
     if not path.is_file():
         raise DMMError(f"{path}: no such checkpoint file")
@@ -208,7 +267,7 @@ def load(path: str | Path) -> Checkpoint:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DMMError(f"{path}: not a readable safetensors checkpoint ({e})") from e
-    return Checkpoint(state, _meta(path, header), path)
+    return Checkpoint(state, _meta(path, header, require_arch), path)
 
 
 def load_dir(folder: str | Path, pattern: str = "client_*.safetensors", *, lazy: bool = False

@@ -61,6 +61,60 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="channel width multiplier of the ResNets (1 = 64/128/256/512)")
 
 
+def _add_source_args(p: argparse.ArgumentParser, *, counts: bool = True) -> None:
+    """What model files without dmm metadata lack (dmm.sources.ModelSpec); a given flag
+    overrides the files' own metadata."""
+    g = p.add_argument_group("models without dmm metadata (plain safetensors, .pt, your class)")
+    g.add_argument("--arch", default=None,
+                   help="the inputs' architecture: resnet18 | resnet8 | package.module:Class "
+                        "(your own nn.Module; importing it is trusted, you typed it)")
+    g.add_argument("--arch-kwargs", default=None, metavar="JSON",
+                   help='keyword arguments of the class, e.g. \'{"num_classes": 10}\'')
+    g.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="the models' input size, e.g. 1,28,28 (the inversion's image size)")
+    g.add_argument("--mean", default=None, metavar="M[,M...]",
+                   help="per-channel input normalization mean, e.g. 0.1307")
+    g.add_argument("--std", default=None, metavar="S[,S...]",
+                   help="per-channel input normalization std, e.g. 0.3081")
+    if counts:
+        g.add_argument("--n-samples", default=None, metavar="N,N,...",
+                       help="training samples behind each input, in input order (merge "
+                            "weights); or a JSON sidecar beside each file")
+        g.add_argument("--label-counts", default=None, metavar="JSON",
+                       help="each input's training samples per class, e.g. '[[5,0],[1,4]]'")
+
+
+def _numbers(flag: str, raw: str | None, kind: type) -> list | None:
+    if raw is None:
+        return None
+    try:
+        return [kind(x) for x in raw.split(",")]
+    except ValueError:
+        raise DMMError(f"{flag} must be comma-separated {'integers' if kind is int else 'numbers'}"
+                       f", got {raw!r}") from None
+
+
+def _json_arg(flag: str, raw: str | None):
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DMMError(f"{flag} is not JSON ({e})") from e
+
+
+def _model_spec(args: argparse.Namespace):
+    from dmm.sources import ModelSpec
+
+    return ModelSpec(arch=args.arch, arch_kwargs=_json_arg("--arch-kwargs", args.arch_kwargs),
+                     input_shape=_numbers("--input-shape", args.input_shape, int),
+                     mean=_numbers("--mean", args.mean, float),
+                     std=_numbers("--std", args.std, float),
+                     n_samples=_numbers("--n-samples", getattr(args, "n_samples", None), int),
+                     label_counts=_json_arg("--label-counts",
+                                            getattr(args, "label_counts", None)))
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (> 0)")
     p.add_argument("--clients", type=int, default=10, help="number of clients K (>= 1)")
@@ -108,12 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Flower engine: CPUs per client (default: all, one client at a time)")
 
     p = sub.add_parser("evaluate", help="evaluate checkpoints on a data set's test split")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files or folders of client_*")
+    p.add_argument("checkpoints", nargs="+", help="model files (.safetensors, .pt) or folders "
+                   "(of client_*, of model files, or saved by transformers)")
     _add_data_args(p)
+    _add_source_args(p, counts=False)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
-    p = sub.add_parser("merge", help="merge client checkpoints, optionally refine with DMM")
-    p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
+    p = sub.add_parser(
+        "merge", help="merge client checkpoints, optionally refine with DMM",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="your own models (plain safetensors or .pt state dicts of your class):\n"
+               "  dmm merge client_*.safetensors --arch mypkg.nets:ResNet \\\n"
+               "      --arch-kwargs '{\"num_classes\": 10}' --input-shape 1,28,28 \\\n"
+               "      --mean 0.1307 --std 0.3081 --weights uniform --out merged.safetensors\n"
+               "transformers folders (save_pretrained) merge into a folder:\n"
+               "  dmm merge run/client_0 run/client_1 run/client_2 --out merged_folder")
+    p.add_argument("inputs", nargs="+", help="model files (.safetensors, .pt) or folders "
+                   "(of client_*, of model files, or saved by transformers)")
     p.add_argument("--method", default="average",
                    help="average | task_arithmetic | ties | rebasin | pleas | cat")
     p.add_argument("--base", default=None, help="base checkpoint (the common initialization, "
@@ -136,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load every input whole (by default, with --refine none, averaging, "
                         "task arithmetic and TIES read the inputs tensor by tensor)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="merged checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, help="merged checkpoint (.safetensors; a folder for "
+                   "transformers inputs)")
     p.add_argument("--report", default=None, help="JSON report (default: beside --out)")
     p.add_argument("--grid", default=None, help="PNG grid of the pseudo-data (default: beside)")
+    _add_source_args(p)
 
     p = sub.add_parser("bench", help="the paper's Table 1, references and ablations as a "
                        "resumable grid (dataset x alpha x method x seed)")
@@ -162,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default=None,
                    help="also write the table into this file's <!-- dmm-bench:NAME --> section")
 
-    p = sub.add_parser("convert", help="a PyTorch .pt state dict -> a dmm checkpoint (loaded "
-                       "with weights_only=True: no code runs; checked against --arch)")
-    p.add_argument("input", help="a .pt/.pth file holding a state dict (or {'state_dict': ...})")
+    p = sub.add_parser("convert", help="a PyTorch .pt state dict or a plain safetensors file -> "
+                       "a dmm checkpoint (.pt loaded with weights_only=True: no code runs; "
+                       "checked against --arch)")
+    p.add_argument("input", help="a .pt/.pth file holding a state dict (or {'state_dict': ...}), "
+                   "or a .safetensors file")
     p.add_argument("--arch", required=True, help="resnet18 | resnet8 | package.module:Class")
     p.add_argument("--arch-kwargs", default="{}",
                    help='JSON keyword arguments, e.g. \'{"width": 0.25, "num_classes": 10}\'')
@@ -173,13 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
 
     p = sub.add_parser("inspect", help="divergence table of client models against a merge")
-    p.add_argument("inputs", nargs="+", help="checkpoint files and/or folders of client_*")
+    p.add_argument("inputs", nargs="+", help="model files (.safetensors, .pt) or folders "
+                   "(of client_*, of model files, or saved by transformers)")
     p.add_argument("--student", default=None, help="merged model to compare against "
                    "(default: the sample-weighted average of the inputs)")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--tau", type=float, default=0.0)
     p.add_argument("--chart", default=None, help="bar chart PNG (default: divergence.png "
                    "in the first input's folder)")
+    _add_source_args(p)
     return parser
 
 
@@ -235,7 +306,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmm.jobs import evaluate
 
-    rows = evaluate(args.checkpoints, _data_config(args), json_path=args.json)
+    rows = evaluate(args.checkpoints, _data_config(args), json_path=args.json,
+                    spec=_model_spec(args))
     width = max(len(r["checkpoint"]) for r in rows)
     print(f"{'checkpoint':<{width}}  accuracy     loss")
     for r in rows:
@@ -256,27 +328,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # merge / inspect
 # ---------------------------------------------------------------------------------------------
 
-def _pixel_range(meta: dict) -> tuple[float, float] | None:
-    from dmm.data.base import pixel_range
-
-    if "input_mean" not in meta:
-        return None
-    return pixel_range(meta["input_mean"], meta["input_std"])
-
-
 def _method_params(pairs: list[str]) -> dict:
-    """--param KEY=VALUE pairs parsed as JSON values where possible, checked by the registry
-    (merge_states names the method and its parameters in the error)."""
-    from dmm.merging.registry import PROVIDED
-
+    """--param KEY=VALUE pairs parsed as JSON values where possible (merge_files and the
+    registry check the names)."""
     out: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise DMMError(f"--param must look like KEY=VALUE, got {pair!r}")
-        if key in PROVIDED:
-            raise DMMError(f"--param {key}: set by dmm merge itself"
-                           + (" (use --seed)" if key == "seed" else ""))
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -285,93 +344,17 @@ def _method_params(pairs: list[str]) -> dict:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from dmm import checkpoint
-    from dmm.io import provenance, write_json
-    from dmm.jobs import load_group
-    from dmm.pipeline import merge_and_refine, preset, refine, with_overrides
-    from dmm.synth import save_grid
+    from dmm.jobs import merge_files
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise DMMError(f"--out must end in .safetensors, got {out}")
-    from dmm.merging import get_method, merge_states
-    stream = (args.refine == "none" and args.student is None and not args.bn_reset
-              and not args.in_memory and get_method(args.method).streams)
-    if stream:  # tensors stay in the files until the merge reads them, key by key
-        from dmm.validate import validate_group
-        ckpts = checkpoint.resolve_inputs(args.inputs, lazy=True)
-        validate_group(ckpts)
-        modules = []
-        template = ckpts[0].new_model()
-    else:
-        ckpts, modules = load_group(args.inputs)
-    if args.refine == "dmm" and len(modules) < 2 and args.student is None:
-        raise DMMError("DMM needs at least two models to merge (or --student and a teacher)")
-    cfg = preset(args.preset)
-    if args.config:
-        try:
-            overrides = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DMMError(f"{args.config}: cannot read JSON config ({e})") from e
-        cfg = with_overrides(cfg, overrides, args.config)
-    cfg.seed = args.seed
-    n_samples = [ck.meta.get("n_samples") for ck in ckpts]
-    if args.weights == "samples" and any(not isinstance(n, int) or n <= 0 for n in n_samples):
-        bad = next(ck.path for ck, n in zip(ckpts, n_samples, strict=True)
-                   if not isinstance(n, int) or n <= 0)
-        raise DMMError(f"{bad}: no positive n_samples in its metadata; use --weights uniform")
-    weights = n_samples if args.weights == "samples" else [1] * len(ckpts)
-    meta = ckpts[0].meta
-    kwargs = dict(n_samples=weights, input_shape=tuple(meta["input_size"])
-                  if "input_size" in meta else None, pixel_range=_pixel_range(meta),
-                  progress=True)
-    counts = [ck.label_counts for ck in ckpts]
-    if all(c is not None for c in counts):  # the clients' label histograms (dmm train's)
-        kwargs["label_counts"] = counts
-    method_params = _method_params(args.param)
-    method_params.update(seed=args.seed, input_shape=kwargs["input_shape"])
-    if args.bn_reset:
-        method_params.update(bn_reset=True, pixel_range=_pixel_range(meta))
-    base = None
-    if args.base:
-        base_ck, base_mod = load_group([args.base], reference=ckpts[0])
-        base = base_mod[0].state_dict()
-    t0 = time.perf_counter()
-    if stream:
-        model = merge_states([ck.state for ck in ckpts], args.method, model=template,
-                             weights=weights, base=base, **method_params)
-        report = None
-    elif args.student:
-        student_ck, student = load_group([args.student], reference=ckpts[0])
-        if args.refine == "dmm":
-            model, report = refine(student[0], modules, cfg, **kwargs)
-        else:
-            model, report = student[0], None
-    else:
-        model, report = merge_and_refine(modules, cfg, method=args.method, weights=weights,
-                                         base=base, method_params=method_params,
-                                         refine_model=args.refine == "dmm", **kwargs)
-    seconds = time.perf_counter() - t0
-    report_path = Path(args.report) if args.report else out.with_suffix(".json")
-    pseudo = report.pseudo if report is not None else None
-    checkpoint.save(out, model, **{**meta, "client_id": None,
-                                   "n_samples": int(sum(weights)),
-                                   "merge": {"method": args.method, "refine": args.refine,
-                                             "inputs": [str(c.path) for c in ckpts],
-                                             "streamed": stream}})
-    if pseudo is not None:
-        grid = Path(args.grid) if args.grid else out.with_name(out.stem + "_pseudo.png")
-        save_grid(pseudo.images, pseudo.labels, grid, mean=tuple(meta.get("input_mean", [0.0])),
-                  std=tuple(meta.get("input_std", [1.0])), class_names=meta.get("classes"))
-    write_json(report_path, {
-        "method": args.method, "refine": args.refine, "preset": args.preset,
-        "inputs": [str(c.path) for c in ckpts], "student": args.student,
-        "weights": weights, "wall_time_s": seconds,
-        "report": report.to_dict() if report else None, "provenance": provenance()})
-    print(f"merged {len(ckpts)} models with {args.method}"
-          f"{' + DMM' if args.refine == 'dmm' else ''} in {seconds:.1f} s -> {out}")
-    if report is not None:
-        print(f"  teachers: {report.teachers}; report: {report_path}")
+    out = merge_files(args.inputs, args.out, method=args.method, refine=args.refine,
+                      preset=args.preset, config=args.config, student=args.student,
+                      base=args.base, weights=args.weights, params=_method_params(args.param),
+                      seed=args.seed, bn_reset=args.bn_reset, in_memory=args.in_memory,
+                      spec=_model_spec(args), report=args.report, grid=args.grid)
+    print(f"merged {len(out.inputs)} models with {out.method}"
+          f"{' + DMM' if out.refine == 'dmm' else ''} in {out.seconds:.1f} s -> {out.path}")
+    if out.report is not None:
+        print(f"  teachers: {out.report.teachers}; report: {out.report_path}")
     return 0
 
 
@@ -379,7 +362,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dmm.jobs import inspect
 
     out = inspect(args.inputs, student=args.student, beta=args.beta, tau=args.tau,
-                  chart=args.chart)
+                  chart=args.chart, spec=_model_spec(args))
     print(out.table())
     print(f"chart: {out.chart}")
     return 0

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "config", "io", "inputs", "statedict"),          # foundations
     ("data", "models", "text"),                                  # data sets, architectures
     ("evaluate", "bn", "divergence", "permute", "synth", "distill", "checkpoint", "validate",
-     "dense"),                                                   # the method's parts
+     "sources", "dense"),                                                   # the method's parts
     ("federated", "multimodal"),                                 # client training; image + text
     ("merging",),                                                # merging methods
     ("pipeline",),                                               # DMM

@@ -310,11 +310,13 @@ def _resolve(cfg: DMMConfig, model: nn.Module, label_counts) -> tuple[DMMConfig,
     - an image + text model under the default (teacher-checked) configuration: the head-only
       refinement on merged inversions (`head`), since pairs have no domain inversion yet."""
     notes = []
-    if getattr(model, "text_dim", None) and cfg.teacher_check and cfg.inversion.mode != "merged":
+    if getattr(model, "text_dim", None) and cfg.teacher_check:
         notes.append("image + text model: no domain inversion of pairs, so the head-only "
                      "refinement (preset 'head') runs")
+        inv = cfg.inversion.to_dict() if cfg.inversion.mode == "merged" else \
+            {"compile": cfg.inversion.compile}  # a merged-model inversion given is kept
         return preset("head", seed=cfg.seed, buffer_weights=cfg.buffer_weights,
-                      inversion={"compile": cfg.inversion.compile}), notes
+                      inversion=inv), notes
     inv = cfg.inversion
     if label_counts is None and inv.mode == "ensemble" and inv.teacher_labels == "histogram":
         notes.append("no label histograms given: each teacher's inversion targets are its own "

@@ -28,14 +28,23 @@ def validate_checkpoint(ck: Checkpoint, *, num_classes: int | None = None,
     `model`: a fresh model of that architecture, if the caller has one already."""
     name, kwargs = _arch(ck)
     where = ck.path or "checkpoint"
-    model = model if model is not None else ck.new_model()
+    # on the meta device: a file cannot make dmm allocate what it does not hold
+    model = model if model is not None else ck.new_model(meta=True)
     template = model.state_dict()
+    missing = [k for k in template if k not in ck.state]
+    unexpected = [k for k in ck.state if k not in template]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        parts = []
+        if missing:
+            parts.append(f"key {few(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+                         f"({name} has {'it' if len(missing) == 1 else 'them'})")
+        if unexpected:
+            parts.append(f"unexpected key {few(unexpected)} (not in {name})")
+        raise DMMError(f"{where}: the weights do not fit {name}: " + "; ".join(parts))
     for k in template:
-        if k not in ck.state:
-            raise DMMError(f"{where}: key {k} is missing ({name} has it)")
-    for k, v in ck.state.items():
-        if k not in template:
-            raise DMMError(f"{where}: unexpected key {k} (not in {name})")
+        v = ck.state[k]
         t = template[k]
         if tuple(v.shape) != tuple(t.shape):
             raise DMMError(f"{where}: key {k} has shape {tuple(v.shape)}, {name} expects "
@@ -65,7 +74,7 @@ def validate_group(ckpts: Sequence[Checkpoint], *, reference: Checkpoint | None 
             raise DMMError(f"{ck.path}: architecture {ck.meta.get('arch')} "
                            f"{ck.meta.get('arch_kwargs')} differs from {ref.path}: "
                            f"{ref.meta.get('arch')} {ref.meta.get('arch_kwargs')}")
-    model = ref.new_model()  # one template for the group: they share the architecture
+    model = ref.new_model(meta=True)  # one template for the group: they share the architecture
     validate_checkpoint(ref, num_classes=num_classes, need_bn=need_bn, model=model)
     for ck in ckpts:
         if ck is not ref:
