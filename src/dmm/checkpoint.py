@@ -85,16 +85,7 @@ class Checkpoint:
         allocation."""
         where = self.path or "checkpoint"
         template = self.new_model(meta=True).state_dict()
-        lazy = isinstance(self.state, LazyState)
-        for k, t in template.items():
-            if k not in self.state:
-                raise DMMError(f"{where}: weights do not fit {self.arch}: key {k} is missing")
-            shape, dtype = (self.state.shape_of(k), self.state.dtype_of(k)) if lazy else \
-                (tuple(self.state[k].shape), self.state[k].dtype)
-            if tuple(shape) != tuple(t.shape) or dtype != t.dtype:
-                raise DMMError(f"{where}: weights do not fit {self.arch}: key {k} is "
-                               f"{tuple(shape)} {dtype}, the architecture's "
-                               f"{tuple(t.shape)} {t.dtype}")
+        check_fits(template, self.state, where, self.arch)
         check_memory(state_bytes(template), where)
         model = self.new_model()
         try:
@@ -104,6 +95,22 @@ class Checkpoint:
             raise DMMError(f"{self.path or 'checkpoint'}: weights do not fit {self.arch}: "
                            f"{' '.join(first[:3])[:300]}") from e
         return model
+
+
+def check_fits(template: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+               where: object, arch: str) -> None:
+    """Every key of `template` (a model's state dict, typically on the meta device) in `state`
+    with its shape and dtype, read from a LazyState's header without loading the tensor; one
+    line naming `where` and the first key that differs."""
+    lazy = isinstance(state, LazyState)
+    for k, t in template.items():
+        if k not in state:
+            raise DMMError(f"{where}: weights do not fit {arch}: key {k} is missing")
+        shape, dtype = (state.shape_of(k), state.dtype_of(k)) if lazy else \
+            (tuple(state[k].shape), state[k].dtype)
+        if tuple(shape) != tuple(t.shape) or dtype != t.dtype:
+            raise DMMError(f"{where}: weights do not fit {arch}: key {k} is {tuple(shape)} "
+                           f"{dtype}, the architecture's {tuple(t.shape)} {t.dtype}")
 
 
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -84,6 +84,7 @@ def handle_query(msg: Message, context: Context) -> Message:
 def handle_train(task: ClientTask, msg: Message, context: Context) -> Message:
     """One round of local training on this node's partition of `task`."""
     from dmm import inputs as I
+    from dmm.checkpoint import check_fits, check_memory, state_bytes
     from dmm.federated import FederatedConfig
     from dmm.federated.aggregate import bn_owned_keys
     from dmm.federated.rounds import client_start, local_update
@@ -102,6 +103,10 @@ def handle_train(task: ClientTask, msg: Message, context: Context) -> Message:
     x, y = I.take(data.x_train, idx), data.y_train[idx]
     server_round = int(msg.content["config"]["server-round"])
     received = dict(msg.content["arrays"].to_torch_state_dict())
+    with torch.device("meta"):  # compared before anything is allocated for the model
+        shapes = create(task.arch, **task.arch_kwargs).state_dict()
+    check_fits(shapes, received, f"round {server_round}: the server's model", task.arch)
+    check_memory(state_bytes(shapes), f"round {server_round}: the server's model")
     model = create(task.arch, **task.arch_kwargs)
     own_keys = bn_owned_keys(model) if cfg.regime == "fedbn" else set()
     own = (dict(context.state[BN_STATE_KEY].to_torch_state_dict())
