@@ -45,7 +45,8 @@ class BenchSpec:
     rows: list[str] = field(default_factory=lambda: TABLE1 + REFERENCES + ABLATIONS)
     k_values: list[int] = field(default_factory=list)   # K ablation (besides `clients`)
     k_alphas: list[float] = field(default_factory=lambda: [0.01])
-    k_rows: list[str] = field(default_factory=lambda: ["fedavg", "fedavg+buffer", "fedavg+dmm"])
+    k_rows: list[str] = field(default_factory=lambda: ["fedavg", "fedavg+buffer", "fedavg+dmm",
+                                                        "fedavg+dmm_head"])
     rounds: int = 10
     local_iters: int = 10
     batch_size: int = 128
