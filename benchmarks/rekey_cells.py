@@ -13,8 +13,10 @@ Rules (each a change of form, not of computation):
   added; 0.0 (no hard-sample emphasis) and false (teachers run on every step) compute exactly
   what was computed before they existed.
 - 2026-12 (issue "transfer", the new default): `DMMConfig.teacher_check` added (false computes
-  what was computed before). The head-only refinement that `fedavg+dmm` and `cat+dmm` ran
-  before the default changed is now the row `fedavg+dmm_head` / `cat+dmm_head`: a record of
+  what was computed before); then `DMMConfig.check_images` (the teacher check's probe), which
+  changes nothing where the check is off: records of checked configurations run again. The
+  head-only refinement that `fedavg+dmm` and `cat+dmm` ran before the default changed is now
+  the row `fedavg+dmm_head` / `cat+dmm_head`: a record of
   the old row whose settings are exactly the new row's moves there (and the row joins the
   folder's spec.json rows), so that its number stays shown under the name of what it
   measured; the old row's cells run again under the new default.
@@ -42,6 +44,8 @@ def translate(settings: dict) -> dict:
         d["distillation"].setdefault("hard_weight", 0.0)
         d["distillation"].setdefault("cache_teachers", False)
         d.setdefault("teacher_check", False)
+        if not d["teacher_check"]:  # the probe's size matters only where the check runs
+            d.setdefault("check_images", 256)
     return s
 
 

@@ -24,20 +24,24 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from dmm.bench.spec import digest
+from dmm.bench.spec import BenchSpec, digest
 from dmm.io import write_text
 
 FED_ALPHAS, ONESHOT_ALPHAS = (0.1, 0.01), (0.5, 0.1, 0.01)
 FED_TARGET = {0.1: 8.0, 0.01: 12.0}
 
 
-def load(path: Path) -> dict[tuple, dict]:
-    """(row, alpha, seed) -> record (the last one where a cell was recorded twice)."""
+def load(folder: Path) -> dict[tuple, dict]:
+    """(row, alpha, seed) -> record, for the cells of the folder's spec under the keys the
+    current code computes (records of an older configuration are left out)."""
+    spec = BenchSpec.from_dict(json.loads((folder / "spec.json").read_text())["spec"])
+    wanted = {spec.cell_key(c) for c in spec.cells()}
     out = {}
-    for line in path.read_text().splitlines():
+    for line in (folder / "cells.jsonl").read_text().splitlines():
         if line.endswith("}"):
             r = json.loads(line)
-            out[(r["row"], r["alpha"], r["seed"])] = r
+            if r["key"] in wanted:
+                out[(r["row"], r["alpha"], r["seed"])] = r
     return out
 
 
@@ -167,7 +171,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/fmnist-transfer"))
     ap.add_argument("--cache", type=Path, default=Path("runs/bench-cache"))
     args = ap.parse_args()
-    text = report(load(args.results / "cells.jsonl"), args.cache)
+    text = report(load(args.results), args.cache)
     write_text(args.results / "targets.md", text)
     print(text)
 

@@ -209,3 +209,28 @@ def test_flower_simulation_matches_inprocess_train(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{name} {k}")
     cfg = json.loads((tmp_path / "fl" / "train.json").read_text())["config"]
     assert cfg["engine"] == "flower"
+
+
+def test_dmm_between_rounds_agrees_with_the_inprocess_engine(tmp_path, identity):
+    """`dmm_every` in the strategy and in run_federated: one LoopRefiner, bit for bit."""
+    from dmm.inloop import LoopConfig, LoopRefiner
+
+    task = _task(write_npz(tmp_path / "d.npz"), "fedavg", clients=3, rounds=2)
+    data = load_dataset("npz", task.data_root)
+    p = task.partition
+    part = dirichlet_partition(data.y_train.numpy(), p["clients"], p["alpha"], seed=0,
+                               min_size=p["min_size"], num_classes=data.num_classes)
+    counts = {k: c.tolist() for k, c in enumerate(part.counts)}
+    dmm = with_overrides(preset("default"), TINY_DMM, "test")
+    loop = LoopConfig(every=1, refresh=8, steps=2)
+    kw = {"input_shape": tuple(data.input_shape), "pixel_range": data.pixel_range}
+    # Execute
+    strategy, _, _ = _run_memory(task, pool_bn=False, dmm=dmm, dmm_every=1, loop=loop,
+                                 refine_kwargs=kw, label_counts=counts)
+    ref = LoopRefiner(dmm, loop, create("resnet8", **ARCH), rounds=2, label_counts=counts, **kw)
+    res = run_federated(lambda: create("resnet8", **ARCH), data, part,
+                        FederatedConfig.from_dict(task.federated), progress=False,
+                        server_step=ref)
+    # Assert
+    assert [r["round"] for r in strategy.dmm_reports] == [1, 2]
+    _equal(strategy.global_state(), res.global_state)

@@ -160,6 +160,12 @@ def test_named_presets():
     assert (t.distill, t.selection, t.inversion.teacher_labels, t.distillation.teacher_signal,
             t.distillation.trainable) == (True, "all", "histogram", "routed", "all")
     assert not t.teacher_check and preset("default") == replace(t, teacher_check=True)
+    # where the check finds nothing to transfer, the default runs exactly preset "head"
+    from dmm.pipeline import head_fallback
+    assert head_fallback(preset("default")) == preset("head")
+    small = head_fallback(preset("default", seed=3, inversion={"n_images": 32},
+                                 distillation={"steps": 5}))
+    assert (small.seed, small.inversion.n_images, small.distillation.steps) == (3, 32, 5)
     with pytest.raises(DMMError, match="unknown DMM preset"):
         preset("best")
 
@@ -179,8 +185,12 @@ def test_the_teacher_check_chooses_whole_network_transfer_or_the_head_only_refin
     # Execute
     out, rep = refine(student, experts, cfg, n_samples=[60] * 4, input_shape=SHAPE,
                       label_counts=counts)
-    # Assert: the verdict is reported; without transfer only the head moved
-    assert rep.distillation["teacher_check"] == {"transfer": transfer}
+    # Assert: the verdict is reported; without transfer only the head moved, and the head-only
+    # refinement's config ran (merged-model inversion, no KD)
+    assert rep.distillation["teacher_check"]["transfer"] == transfer
+    assert rep.config["distill"] == transfer
+    assert rep.config["inversion"]["mode"] == ("ensemble" if transfer else "merged")
+    assert transfer or "teacher check" in rep.notes[0]
     head = [n for n, m in out.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     moved = {k for k, v in student.state_dict().items() if v.is_floating_point()
              and "running" not in k and not torch.equal(out.state_dict()[k], v)}

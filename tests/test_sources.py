@@ -78,7 +78,10 @@ def test_merge_plain_safetensors_of_a_users_class_with_dmm(users, tmp_path):
     assert m(torch.zeros(2, 1, 16, 16)).shape == (2, 4)
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rep["weights"] == [30, 30, 30]
-    assert rep["report"]["inversion"]["config"]["teacher_labels"] == "histogram"
+    # the histograms reached DMM: nothing estimated, the teacher check ran on them
+    assert "teacher_check" in rep["report"]["distillation"]
+    assert "label_counts_estimated" not in rep["report"]["distillation"]
+    assert not any("label histograms" in n for n in rep["report"]["notes"])
     assert (tmp_path / "merged_pseudo.png").stat().st_size > 0
 
 

@@ -160,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one SuperNode per client; needs dmm[flower])")
     p.add_argument("--cpus-per-client", type=_positive_int("--cpus-per-client"), default=None,
                    help="Flower engine: CPUs per client (default: all, one client at a time)")
+    g = p.add_argument_group("DMM between rounds (fedavg, fedprox; dmm.inloop)")
+    g.add_argument("--dmm-every", type=_positive_int("--dmm-every"), default=None, metavar="N",
+                   help="refine the global model with DMM on the server after every N-th "
+                        "round and after the last, the clients' latest models as teachers")
+    g.add_argument("--dmm-preset", default="default", help="its DMM preset")
+    g.add_argument("--dmm-config", default=None, help="JSON file of DMMConfig overrides")
+    g.add_argument("--dmm-pool", type=_positive_int("--dmm-pool"), default=2560,
+                   help="pseudo-samples kept across refinements")
+    g.add_argument("--dmm-refresh", type=_positive_int("--dmm-refresh"), default=256,
+                   help="fresh pseudo-samples per refinement (the guard's, then the pool's)")
+    g.add_argument("--dmm-steps", type=_positive_int("--dmm-steps"), default=200,
+                   help="distillation steps of each refinement after the first")
+    g.add_argument("--no-dmm-guard", action="store_true",
+                   help="keep every refinement (by default one that lowers the agreement with "
+                        "the class-routed teachers on fresh pseudo-data is dropped)")
 
     p = sub.add_parser("evaluate", help="evaluate checkpoints on a data set's test split")
     p.add_argument("checkpoints", nargs="+", help="model files (.safetensors, .pt) or folders "
@@ -292,14 +307,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             prox_mu=args.mu if args.regime == "fedprox" else 0.0))
     part = PartitionConfig(alpha=args.alpha, clients=args.clients, min_size=args.min_size,
                            seed=args.seed)
+    loop_kw = {}
+    if args.dmm_every:
+        from dmm.inloop import LoopConfig
+        from dmm.jobs import dmm_config
+        loop_kw = dict(dmm_every=args.dmm_every,
+                       dmm=dmm_config(args.dmm_preset, args.dmm_config, args.seed),
+                       loop=LoopConfig(every=args.dmm_every, pool=args.dmm_pool,
+                                       refresh=args.dmm_refresh, steps=args.dmm_steps,
+                                       guard=not args.no_dmm_guard))
     job = TrainJob(_data_config(args), part, fed, arch=args.arch, width=args.width,
                    engine=args.engine, cpus_per_client=args.cpus_per_client,
-                   evaluate=not args.no_eval)
+                   evaluate=not args.no_eval, **loop_kw)
     out = train(job, args.out, verbose=args.verbose)
     print(f"{args.regime}: {args.clients} clients, alpha {args.alpha}, "
           f"{out.result.wall_time:.1f} s; wrote {out.out}")
     for r in out.eval:
         print(f"  {r['model']}: accuracy {100 * r['accuracy']:.2f}%  loss {r['loss']:.4f}")
+    if out.dmm_reports:
+        kept = sum(bool(r.get("kept", True)) for r in out.dmm_reports)
+        print(f"  DMM between rounds: {len(out.dmm_reports)} refinements, {kept} kept "
+              f"(the guard dropped {len(out.dmm_reports) - kept})")
     return 0
 
 

@@ -70,10 +70,19 @@ class TrainJob:
     cpus_per_client: int | None = None  # flower engine only
     evaluate: bool = True               # evaluate the global model on the test split
     device: str = "cpu"                 # inprocess engine: where the models train
+    dmm_every: int = 0                  # DMM on the server after every N-th round and the
+    #                                     last (dmm.inloop); 0 = off
+    dmm: object | None = None           # its DMMConfig (None: preset "default")
+    loop: object | None = None          # its dmm.inloop.LoopConfig (None: the defaults)
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
             raise DMMError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if not isinstance(self.dmm_every, int) or self.dmm_every < 0:
+            raise DMMError(f"dmm_every must be an integer >= 0, got {self.dmm_every!r}")
+        if self.dmm_every and self.federated.regime not in ("fedavg", "fedprox"):
+            raise DMMError(f"DMM between rounds needs a global model: regime fedavg or "
+                           f"fedprox, not {self.federated.regime}")
         if self.partition.seed != self.federated.seed:
             raise DMMError(f"the partition's seed ({self.partition.seed}) and the training "
                            f"seed ({self.federated.seed}) differ; dmm draws both from one seed")
@@ -88,6 +97,7 @@ class TrainOutput:
     meta: dict                          # the checkpoints' metadata (checkpoint.data_meta)
     eval: list[dict]
     out: Path | None = None
+    dmm_reports: list[dict] = field(default_factory=list)  # in-loop DMM, one per refinement
 
 
 def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | None = None,
@@ -110,6 +120,22 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
                      width=job.width)
     create(job.arch, **kw)  # fail fast on a bad architecture, before any training
     part = partition if partition is not None else job.partition.split(data)
+    refiner, loop_kw = None, {}
+    if job.dmm_every:
+        from dmm.inloop import LoopConfig, LoopRefiner
+        loop = replace(job.loop or LoopConfig(), every=job.dmm_every)
+        if job.engine == "flower":
+            from dmm.pipeline import preset
+            loop_kw = dict(dmm=job.dmm or preset("default"), dmm_every=job.dmm_every, loop=loop,
+                           refine_kwargs={"input_shape": tuple(data.input_shape),
+                                          "pixel_range": data.pixel_range},
+                           label_counts={k: c.tolist() for k, c in enumerate(part.counts)})
+        else:
+            refiner = LoopRefiner(job.dmm, loop, create(job.arch, **kw),
+                                  rounds=job.federated.rounds,
+                                  input_shape=tuple(data.input_shape),
+                                  pixel_range=data.pixel_range,
+                                  label_counts={k: c.tolist() for k, c in enumerate(part.counts)})
     folder = ensure_writable_dir(out) if out is not None else None  # after every check
     if job.engine == "flower":
         import torch
@@ -120,10 +146,13 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
                           federated=job.federated.to_dict(), partition=job.partition.to_dict(),
                           data_root=job.data.root, n_train=job.data.n_train,
                           n_test=job.data.n_test, threads=torch.get_num_threads())
-        res, _ = run_flower(task, cpus_per_client=job.cpus_per_client, verbose=verbose)
+        res, strategy = run_flower(task, cpus_per_client=job.cpus_per_client, verbose=verbose,
+                                   **loop_kw)
+        loop_reports = strategy.dmm_reports if job.dmm_every else []
     else:
         res = run_federated(lambda: create(job.arch, **kw).to(job.device), data, part,
-                            job.federated, progress=progress)
+                            job.federated, progress=progress, server_step=refiner)
+        loop_reports = refiner.reports if refiner is not None else []
     meta = checkpoint.data_meta(job.arch, kw, data, job.data.dataset)
     rows = []
     if res.global_state is not None and job.evaluate:
@@ -133,7 +162,7 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
                             num_classes=data.num_classes)
         rows.append({"model": "global", "accuracy": ev.accuracy, "loss": ev.loss,
                      "per_class": ev.per_class})
-    output = TrainOutput(res, part, kw, meta, rows, folder)
+    output = TrainOutput(res, part, kw, meta, rows, folder, loop_reports)
     if folder is not None:
         save_models(folder, res.init_state, res.global_state, res.client_states,
                     res.n_samples, meta, regime=job.federated.regime,
@@ -144,7 +173,8 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
                        "dataset": job.data.dataset, "arch": job.arch, "arch_kwargs": kw,
                        **{k: v for k, v in job.partition.to_dict().items() if k != "seed"}},
             "wall_time_s": res.wall_time, "history": res.history, "eval": rows,
-            "provenance": provenance()})
+            "dmm_in_loop": {"every": job.dmm_every, "reports": loop_reports}
+            if job.dmm_every else None, "provenance": provenance()})
     return output
 
 
@@ -232,7 +262,8 @@ class MergeOutput:
     report: object | None               # dmm.pipeline.DMMReport, when DMM ran
 
 
-def _dmm_config(preset_name: str, config: dict | str | Path | None, seed: int):
+def dmm_config(preset_name: str, config: dict | str | Path | None, seed: int):
+    """A DMM preset with `config` overrides (a dict, or the path of a JSON file) and `seed`."""
     from dmm.pipeline import preset, with_overrides
 
     cfg = preset(preset_name)
@@ -303,7 +334,7 @@ def merge_files(inputs: Sequence[str | Path], out: str | Path, *, method: str = 
         raise DMMError(f"--out must end in .safetensors, got {out}")
     if refine == "dmm" and len(ckpts) < 2 and student is None:
         raise DMMError("DMM needs at least two models to merge (or --student and a teacher)")
-    cfg = _dmm_config(preset, config, seed)
+    cfg = dmm_config(preset, config, seed)
     n_samples = [ck.meta.get("n_samples") for ck in ckpts]
     if weights == "samples" and any(not isinstance(n, int) or n <= 0 for n in n_samples):
         bad = next(ck.path for ck, n in zip(ckpts, n_samples, strict=True)
@@ -452,5 +483,6 @@ def convert(path: str | Path, out: str | Path, *, arch: str, arch_kwargs: dict,
 
 
 __all__ = ["DataConfig", "InspectOutput", "MergeOutput", "ModelSpec", "TrainJob", "TrainOutput",
-           "convert", "evaluate", "inspect", "load_group", "merge_files", "pixel_range_of",
+           "convert", "dmm_config", "evaluate", "inspect", "load_group", "merge_files",
+           "pixel_range_of",
            "save_models", "train"]

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
      "sources", "dense"),                                                   # the method's parts
     ("federated", "multimodal"),                                 # client training; image + text
     ("merging",),                                                # merging methods
-    ("pipeline",),                                               # DMM
+    ("pipeline", "inloop"),                                      # DMM; DMM between rounds
     ("flower",),                                                 # the Flower apps
     ("jobs",),                                                   # one call per job
     ("bench", "demo"),                                           # the grid; the showcase

@@ -55,10 +55,11 @@ class DMMConfig:
     tau: float = 0.0                    # threshold on the combined z-score
     top_k: int = 3                      # selection="top_k": this many teachers
     beta: float = 0.5                   # weight of parameter vs statistics divergence, in [0, 1]
-    teacher_check: bool = False         # before distilling, check on the pseudo-data that the
-    #                                     teachers know something the student does not
-    #                                     (dmm.distill.teacher_check); if not, refine the head
-    #                                     only with CE on the same pool (DistillConfig defaults)
+    teacher_check: bool = False         # before distilling, check on a probe of pseudo-data
+    #                                     that the teachers know something the student does
+    #                                     not (dmm.distill.teacher_check); if not, the
+    #                                     head-only refinement (`head_fallback`) runs instead
+    check_images: int = 256             # the probe's pseudo-samples (inverted like the pool)
     inversion: InversionConfig = field(default_factory=lambda: InversionConfig(compile=True))
     distillation: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
@@ -97,6 +98,7 @@ class DMMConfig:
                            f"{', '.join(SELECTIONS)}")
         check_range("DMM config", "beta", self.beta, 0, 1)
         check_range("DMM config", "top_k", self.top_k, lo=1)
+        check_range("DMM config", "check_images", self.check_images, lo=1)
         for name, kind in (("inversion", InversionConfig), ("distillation", DistillConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise DMMError(f"DMM config {name} must be a {kind.__name__}")
@@ -255,13 +257,35 @@ def refine(
     report = DMMReport(div.to_dict(), selected, config=cfg.to_dict(), notes=notes)
     log.info("divergent teachers: %s", selected)
 
+    synth = synthesize
+    if getattr(model, "text_dim", None):  # image + text: pseudo-pairs (dmm.multimodal)
+        from dmm.multimodal.synth import synthesize_pairs as synth
+    extra = {"label_counts": label_counts} if label_counts is not None else {}
+    if cfg.teacher_check and cfg.distill and selected and cfg.distillation.kd_weight > 0:
+        # a probe of pseudo-data, inverted like the pool (its own seed): do the teachers know
+        # what the student does not?
+        t1 = time.perf_counter()
+        probe = synth(model, teacher_mods, replace(cfg.inversion, n_images=cfg.check_images),
+                      num_classes=num_classes, input_shape=shape, seed=cfg.seed + 7919,
+                      pixel_range=pixel_range, **extra)
+        sel = [teacher_mods[i] for i in selected]
+        c = _counts(label_counts, selected, teacher_mods, probe, n_samples, report)
+        check = teacher_check(model, sel, probe, c, sources=selected,
+                              bf16=cfg.distillation.bf16)
+        check["seconds"] = time.perf_counter() - t1
+        timings["check_s"] = check["seconds"]
+        report.distillation["teacher_check"] = check
+        log.info("teacher check: %s", check)
+        if not check["transfer"]:  # the teachers know nothing the student lacks
+            cfg = head_fallback(cfg)
+            notes.append("teacher check: the clients know nothing the merged model lacks on "
+                         "the probe, so the head-only refinement (preset 'head') runs")
+            selected, report.teachers, report.config = [], [], cfg.to_dict()
+            pseudo, reused = None, False  # a pool given for the transfer is not the head's
+
     if cfg.inversion_augmentation or (cfg.distill and selected):
         t1 = time.perf_counter()
         if pseudo is None:
-            synth = synthesize
-            if getattr(model, "text_dim", None):  # image + text: pseudo-pairs (dmm.multimodal)
-                from dmm.multimodal.synth import synthesize_pairs as synth
-            extra = {"label_counts": label_counts} if label_counts is not None else {}
             pseudo = synth(model, teacher_mods, cfg.inversion, num_classes=num_classes,
                            input_shape=shape, seed=cfg.seed, pixel_range=pixel_range,
                            progress=progress, **extra)
@@ -274,21 +298,8 @@ def refine(
         dcfg.kd_weight = dcfg.kd_weight if (cfg.distill and selected) else 0.0
         dcfg.ce_weight = dcfg.ce_weight if cfg.inversion_augmentation else 0.0
         counts = None
-        if dcfg.kd_weight > 0 and (dcfg.teacher_signal == "routed" or cfg.teacher_check):
-            if label_counts is not None:
-                counts = torch.as_tensor([list(label_counts[i]) for i in selected])
-            else:
-                counts = estimate_label_counts([teacher_mods[i] for i in selected], pseudo,
-                                               [n_samples[i] if n_samples else 1
-                                                for i in selected], sources=selected)
-                report.distillation["label_counts_estimated"] = counts.tolist()
-        if dcfg.kd_weight > 0 and cfg.teacher_check:
-            check = teacher_check(model, [teacher_mods[i] for i in selected], pseudo, counts,
-                                  sources=selected, bf16=dcfg.bf16)
-            report.distillation["teacher_check"] = check
-            log.info("teacher check: %s", check)
-            if not check["transfer"]:  # the teachers know nothing the student lacks
-                dcfg = DistillConfig(bf16=dcfg.bf16, kd_weight=0.0)  # the head-only recipe
+        if dcfg.kd_weight > 0 and dcfg.teacher_signal == "routed":
+            counts = _counts(label_counts, selected, teacher_mods, pseudo, n_samples, report)
         model, drep = distill(model, [teacher_mods[i] for i in selected], pseudo.images,
                               pseudo.labels, dcfg, label_counts=counts, seed=cfg.seed,
                               progress=progress)
@@ -301,6 +312,37 @@ def refine(
     report.timings = timings
     model.eval()
     return model, report
+
+
+def _counts(label_counts, selected: list[int], teachers: list[nn.Module], pseudo: PseudoData,
+            n_samples, report: DMMReport | None) -> torch.Tensor:
+    """The selected teachers' label histograms: given, or estimated on `pseudo` (reported)."""
+    if label_counts is not None:
+        return torch.as_tensor([list(label_counts[i]) for i in selected])
+    counts = estimate_label_counts([teachers[i] for i in selected], pseudo,
+                                   [n_samples[i] if n_samples else 1 for i in selected],
+                                   sources=selected)
+    if report is not None:
+        report.distillation["label_counts_estimated"] = counts.tolist()
+    return counts
+
+
+HEAD_IMAGES, HEAD_STEPS = 384, 200  # the head-only refinement's budget (preset "head")
+
+
+def head_fallback(cfg: DMMConfig) -> DMMConfig:
+    """What the default runs where the teacher check finds nothing to transfer: the head-only
+    refinement (`preset("head")` for the default's own budget; a smaller budget given to the
+    default caps it), with the config's seed, buffer weights, compile and bf16 settings."""
+    head = preset("head")
+    inv = replace(cfg.inversion, mode=head.inversion.mode,
+                  merged_share=head.inversion.merged_share,
+                  teacher_labels=head.inversion.teacher_labels,
+                  n_images=min(cfg.inversion.n_images, HEAD_IMAGES))
+    dist = replace(head.distillation, bf16=cfg.distillation.bf16,
+                   steps=min(cfg.distillation.steps, HEAD_STEPS))
+    return replace(head, seed=cfg.seed, buffer_weights=cfg.buffer_weights, inversion=inv,
+                   distillation=dist)
 
 
 def _resolve(cfg: DMMConfig, model: nn.Module, label_counts) -> tuple[DMMConfig, list[str]]:

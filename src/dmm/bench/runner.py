@@ -191,12 +191,18 @@ class Group:
         by the rows of the group."""
         from dmm.pipeline import refine
         counts = t.label_counts if histograms else None  # None: estimated (a report note)
-        key = json.dumps([student_name, cfg.buffer_weights, cfg.inversion.to_dict(), cfg.seed,
-                          histograms])
+        def key_of(c: dict) -> str:
+            return json.dumps([student_name, c["buffer_weights"], c["inversion"], c["seed"],
+                               histograms], sort_keys=True)
+
         teachers = [self.model(s) for s in t.clients]
         model, rep = refine(self.model(state), teachers, cfg, n_samples=t.n_samples,
                             input_shape=self.input_shape, pixel_range=self.data.pixel_range,
-                            pseudo=self._pseudo.get(key), label_counts=counts)
+                            pseudo=self._pseudo.get(key_of(cfg.to_dict())),
+                            label_counts=counts)
+        # kept under the configuration that made it: the default's teacher check may have
+        # switched to the head-only refinement, whose pseudo-data another row must not reuse
+        key = key_of(rep.config)
         if rep.pseudo is not None and key not in self._pseudo:
             self._pseudo[key] = rep.pseudo
             if self.grids_dir is not None and self.seed == self.spec.seeds[0]:

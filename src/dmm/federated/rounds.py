@@ -151,13 +151,21 @@ def run_federated(
     *,
     progress: bool = True,
     on_round: Callable[[int, StateDict], dict | None] | None = None,
+    server_step=None,
 ) -> FederatedResult:
     """Train K clients on `partition` of `data.x_train` under `cfg.regime`.
 
     `model_fn()` builds a fresh model; it is called after seeding, so the initialization is a
     function of `cfg.seed`. `on_round(r, global_state)` may return metrics for the history.
+    `server_step` (FedAvg and FedProx; e.g. `dmm.inloop.LoopRefiner`): after the aggregation
+    of every round r where `server_step.due(r)`, the global model becomes
+    `server_step(r, global_state, clients, n_samples)` (the latest state and sample count of
+    every client that has trained so far, by client id); its `reports[-1]` joins the history.
     """
     cfg.validate()
+    if server_step is not None and cfg.regime not in ("fedavg", "fedprox"):
+        raise DMMError(f"a server step between rounds needs a global model: regime fedavg or "
+                       f"fedprox, not {cfg.regime}")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = model_fn()
@@ -186,6 +194,7 @@ def run_federated(
     global_state = init
     clients: list[StateDict] = [state_of(init) for _ in range(k_clients)]
     fedbn_local = aggregate.bn_owned_keys(model) if cfg.regime == "fedbn" else set()
+    trained: set[int] = set()
     bar = tqdm(range(cfg.rounds), desc=f"{cfg.regime} rounds", disable=not progress)
     for r in bar:
         chosen = sample_clients(rng, k_clients, cfg.participation)
@@ -198,6 +207,11 @@ def run_federated(
         global_state = aggregate_round(cfg.regime, global_state, [clients[k] for k in chosen],
                                        [n_samples[k] for k in chosen], model)
         row = {"round": r + 1, "clients": chosen, "train_loss": float(np.mean(losses))}
+        trained.update(chosen)
+        if server_step is not None and server_step.due(r + 1):
+            global_state = server_step(r + 1, global_state, {k: clients[k] for k in trained},
+                                       {k: n_samples[k] for k in trained})
+            row["server_step"] = server_step.reports[-1]
         if on_round is not None:
             view = (aggregate.fedbn_global(clients, n_samples, model) if fedbn_local
                     else global_state)

@@ -52,12 +52,15 @@ def run_flower(
     refine_kwargs: dict | None = None,
     cpus_per_client: int | None = None,
     verbose: bool = False,
+    loop=None,
+    label_counts: dict[int, list[int]] | None = None,
 ) -> tuple[FederatedResult, DMMFedAvg]:
     """Train `task` in Flower's simulation engine; returns (result, the strategy).
 
     `pool_bn=False` is FedAvg as the in-process engine does it (every key averaged), so that both
     engines agree; `pool_bn=True` pools BatchNorm statistics (Eq. 3-4). `dmm` (a DMMConfig)
-    runs DMM on the server after the last round (and every `dmm_every` rounds).
+    runs DMM on the server after the last round (and every `dmm_every` rounds; then through
+    `dmm.inloop.LoopRefiner` with `loop` and the clients' `label_counts`, as in-process).
     """
     from dmm.models import create
 
@@ -78,7 +81,8 @@ def run_flower(
     init = state_of(template)
     strategy = DMMFedAvg(template, regime=cfg.regime, pool_bn=pool_bn, dmm=dmm,
                          dmm_every=dmm_every, seed=cfg.seed, fraction_train=cfg.participation,
-                         min_available_nodes=task.clients, refine_kwargs=refine_kwargs)
+                         min_available_nodes=task.clients, refine_kwargs=refine_kwargs,
+                         loop=loop, label_counts=label_counts)
     holder: dict = {}
     server_app = ServerApp()
 

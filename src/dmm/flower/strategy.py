@@ -76,6 +76,8 @@ class DMMFedAvg(FedAvg):
         min_available_nodes: int = 2,
         refine_kwargs: dict | None = None,
         discovery_timeout: float = 600.0,
+        loop=None,
+        label_counts: dict[int, list[int]] | None = None,
     ) -> None:
         if regime not in REGIMES:
             raise DMMError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
@@ -93,6 +95,9 @@ class DMMFedAvg(FedAvg):
         self.seed = seed
         self.refine_kwargs = refine_kwargs or {}
         self.discovery_timeout = discovery_timeout
+        self.loop = loop                  # dmm.inloop.LoopConfig for dmm_every > 0
+        self.label_counts = label_counts  # partition id -> label histogram (None: estimated)
+        self._loop = None
         self._rng = round_sampler(seed)
         self._nodes: dict[int, int] | None = None   # partition id -> node id
         self._global: StateDict | None = None
@@ -210,6 +215,18 @@ class DMMFedAvg(FedAvg):
         student = self.global_state()
         if student is None:  # one-shot: DMM refines the sample-weighted average
             student = weighted_average(teachers, ns)
+        if self.dmm_every and self.regime in ("fedavg", "fedprox"):
+            # between rounds: the in-process engine's server step (pool, guard), shared
+            from dmm.inloop import LoopConfig, LoopRefiner
+            if self._loop is None:
+                loop = self.loop or LoopConfig(every=self.dmm_every)
+                self._loop = LoopRefiner(self.dmm, loop, self.template, rounds=self.num_rounds,
+                                         label_counts=self.label_counts, **self.refine_kwargs)
+            self._global = self._loop(self._round, student, dict(self.client_states),
+                                      dict(self.n_samples))
+            self._refined_at = self._round
+            self.dmm_reports.append(self._loop.reports[-1])
+            return self._loop.reports[-1]
         model, report = refine(student, teachers, self.dmm, template=self.template,
                                n_samples=ns, **self.refine_kwargs)
         self._global = state_of(model)
