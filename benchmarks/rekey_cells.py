@@ -13,8 +13,11 @@ Rules (each a change of form, not of computation):
   added; 0.0 (no hard-sample emphasis) and false (teachers run on every step) compute exactly
   what was computed before they existed.
 - 2026-12 (issue "transfer", the new default): `DMMConfig.teacher_check` added (false computes
-  what was computed before); then `DMMConfig.check_images` (the teacher check's probe), which
-  changes nothing where the check is off: records of checked configurations run again. The
+  what was computed before); then `DMMConfig.check_images` (None: the check judges the pool
+  itself; N: a separate probe), which changes nothing where the check is off. A checked record
+  without it judged the pool itself: where its verdict was the transfer, it computed exactly
+  what `check_images=None` computes; where the check fell back (then to a head-only
+  refinement on the domain pool, now to preset `head`), it runs again. The
   head-only refinement that `fedavg+dmm` and `cat+dmm` ran before the default changed is now
   the row `fedavg+dmm_head` / `cat+dmm_head`: a record of
   the old row whose settings are exactly the new row's moves there (and the row joins the
@@ -35,7 +38,7 @@ from dmm.bench.spec import BenchSpec, digest
 from dmm.io import write_text
 
 
-def translate(settings: dict) -> dict:
+def translate(settings: dict, rec: dict | None = None) -> dict:
     s = copy.deepcopy(settings)
     d = s.get("row_config", {}).get("dmm")
     if d is not None and "ce_weight" in d:
@@ -44,8 +47,13 @@ def translate(settings: dict) -> dict:
         d["distillation"].setdefault("hard_weight", 0.0)
         d["distillation"].setdefault("cache_teachers", False)
         d.setdefault("teacher_check", False)
-        if not d["teacher_check"]:  # the probe's size matters only where the check runs
-            d.setdefault("check_images", 256)
+        if not d["teacher_check"]:  # the probe matters only where the check runs
+            d["check_images"] = None
+        elif "check_images" not in d and ((rec or {}).get("distillation") or {}).get(
+                "teacher_check", {}).get("transfer"):
+            # the first checked default judged the pool itself, and where it chose the
+            # transfer it computed exactly what check_images=None computes
+            d["check_images"] = None
     return s
 
 
@@ -57,7 +65,7 @@ def renamed(rec: dict) -> tuple[str, dict] | None:
     new = RENAMED.get(rec["row"])
     if new is None:
         return None
-    s = translate(rec["settings"])
+    s = translate(rec["settings"], rec)
     s["row"] = new
     return new, s
 
@@ -86,7 +94,7 @@ def rekey(folder: Path) -> tuple[int, int, int]:
         move = renamed(rec)
         if key is not None and rec["key"] == key:
             counts[1] += 1
-        elif key is not None and translate(rec["settings"]) == settings:
+        elif key is not None and translate(rec["settings"], rec) == settings:
             assert digest(settings) == key
             rec.update(key=key, settings=settings, rekeyed_from=rec["key"])
             line = json.dumps(rec, sort_keys=True)

@@ -170,9 +170,9 @@ def test_named_presets():
         preset("best")
 
 
-@pytest.mark.parametrize("transfer", [True, False])
+@pytest.mark.parametrize("transfer,check_images", [(True, None), (False, None), (False, 8)])
 def test_the_teacher_check_chooses_whole_network_transfer_or_the_head_only_refinement(
-        data, experts, monkeypatch, transfer):
+        data, experts, monkeypatch, transfer, check_images):
     import dmm.pipeline as P
 
     # Prepare: the check's verdict fixed, the default's structure at a tiny budget
@@ -180,7 +180,8 @@ def test_the_teacher_check_chooses_whole_network_transfer_or_the_head_only_refin
     monkeypatch.setattr(P, "teacher_check", lambda *a, **k: {"transfer": transfer})
     cfg = P.preset("default", inversion={"n_images": 32, "batch_size": 16, "iterations": 3,
                                          "bf16": False, "compile": False},
-                   distillation={"steps": 3, "batch_size": 16, "bf16": False})
+                   distillation={"steps": 3, "batch_size": 16, "bf16": False},
+                   check_images=check_images)
     counts = [[30, 30, 0, 0], [0, 30, 30, 0], [0, 0, 30, 30], [30, 0, 0, 30]]
     # Execute
     out, rep = refine(student, experts, cfg, n_samples=[60] * 4, input_shape=SHAPE,

@@ -59,7 +59,8 @@ class DMMConfig:
     #                                     that the teachers know something the student does
     #                                     not (dmm.distill.teacher_check); if not, the
     #                                     head-only refinement (`head_fallback`) runs instead
-    check_images: int = 256             # the probe's pseudo-samples (inverted like the pool)
+    check_images: int | None = None     # None: the check judges the pool itself; N: a probe
+    #                                     of N pseudo-samples inverted like the pool
     inversion: InversionConfig = field(default_factory=lambda: InversionConfig(compile=True))
     distillation: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
@@ -98,7 +99,8 @@ class DMMConfig:
                            f"{', '.join(SELECTIONS)}")
         check_range("DMM config", "beta", self.beta, 0, 1)
         check_range("DMM config", "top_k", self.top_k, lo=1)
-        check_range("DMM config", "check_images", self.check_images, lo=1)
+        if self.check_images is not None:
+            check_range("DMM config", "check_images", self.check_images, lo=1)
         for name, kind in (("inversion", InversionConfig), ("distillation", DistillConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise DMMError(f"DMM config {name} must be a {kind.__name__}")
@@ -261,27 +263,37 @@ def refine(
     if getattr(model, "text_dim", None):  # image + text: pseudo-pairs (dmm.multimodal)
         from dmm.multimodal.synth import synthesize_pairs as synth
     extra = {"label_counts": label_counts} if label_counts is not None else {}
+    checked_pool_s = 0.0  # a reused pool the check judged on, when the head then ran
     if cfg.teacher_check and cfg.distill and selected and cfg.distillation.kd_weight > 0:
-        # a probe of pseudo-data, inverted like the pool (its own seed): do the teachers know
-        # what the student does not?
+        # do the teachers know what the student does not? judged on the pool itself
+        # (check_images None) or on a probe inverted like it (its own seed)
+        if cfg.check_images is None:
+            if pseudo is None:
+                pseudo = synth(model, teacher_mods, cfg.inversion, num_classes=num_classes,
+                               input_shape=shape, seed=cfg.seed, pixel_range=pixel_range,
+                               progress=progress, **extra)
+            probe = pseudo
+        else:
+            probe = synth(model, teacher_mods, replace(cfg.inversion, n_images=cfg.check_images),
+                          num_classes=num_classes, input_shape=shape, seed=cfg.seed + 7919,
+                          pixel_range=pixel_range, **extra)
         t1 = time.perf_counter()
-        probe = synth(model, teacher_mods, replace(cfg.inversion, n_images=cfg.check_images),
-                      num_classes=num_classes, input_shape=shape, seed=cfg.seed + 7919,
-                      pixel_range=pixel_range, **extra)
         sel = [teacher_mods[i] for i in selected]
         c = _counts(label_counts, selected, teacher_mods, probe, n_samples, report)
         check = teacher_check(model, sel, probe, c, sources=selected,
                               bf16=cfg.distillation.bf16)
-        check["seconds"] = time.perf_counter() - t1
-        timings["check_s"] = check["seconds"]
+        timings["check_s"] = time.perf_counter() - t1
         report.distillation["teacher_check"] = check
         log.info("teacher check: %s", check)
         if not check["transfer"]:  # the teachers know nothing the student lacks
+            if cfg.check_images is None:  # the pool was the check's: its cost counts
+                checked_pool_s = pseudo.info.get("seconds", 0.0) if reused else 0.0
+                timings["check_inversion_s"] = pseudo.info.get("seconds", 0.0)
             cfg = head_fallback(cfg)
-            notes.append("teacher check: the clients know nothing the merged model lacks on "
-                         "the probe, so the head-only refinement (preset 'head') runs")
+            notes.append("teacher check: the clients know nothing the merged model lacks, so "
+                         "the head-only refinement (preset 'head') runs")
             selected, report.teachers, report.config = [], [], cfg.to_dict()
-            pseudo, reused = None, False  # a pool given for the transfer is not the head's
+            pseudo, reused = None, False  # the transfer's pool is not the head's
 
     if cfg.inversion_augmentation or (cfg.distill and selected):
         t1 = time.perf_counter()
@@ -307,7 +319,7 @@ def refine(
         report.distillation = {**drep.to_dict(), **report.distillation}
         report.pseudo = pseudo
     # reused pseudo-data still count: the wall time is what this configuration costs alone
-    timings["total_s"] = time.perf_counter() - t0 + (
+    timings["total_s"] = time.perf_counter() - t0 + checked_pool_s + (
         timings.get("inversion_s", 0.0) if reused else 0.0)
     report.timings = timings
     model.eval()
