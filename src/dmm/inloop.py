@@ -42,7 +42,7 @@ from torch import nn
 
 from dmm.config import check_fields, check_range
 from dmm.distill import _logits, estimate_label_counts, routed_log_targets
-from dmm.pipeline import DMMConfig, preset, refine
+from dmm.pipeline import DMMConfig, inversion_for, preset, refine
 from dmm.statedict import StateDict, state_of
 from dmm.synth import PseudoData, probe_classifier, synthesize
 
@@ -158,10 +158,9 @@ class LoopRefiner:
     # ---- the pool --------------------------------------------------------------------------
     def _fresh(self, student: nn.Module, teachers: list[nn.Module], round_: int,
                counts) -> PseudoData:
-        inv = replace(self.config.inversion, n_images=self.loop.refresh)
+        inv, _ = inversion_for(replace(self.config.inversion, n_images=self.loop.refresh),
+                               counts)
         shape, num_classes = probe_classifier(student, self.input_shape)
-        if counts is None and inv.mode == "ensemble" and inv.teacher_labels == "histogram":
-            inv = replace(inv, teacher_labels="prediction")
         extra = {"label_counts": counts} if counts is not None else {}
         return synthesize(student, teachers, inv, num_classes=num_classes, input_shape=shape,
                           seed=self.config.seed + round_, pixel_range=self.pixel_range, **extra)

@@ -124,18 +124,18 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
     if job.dmm_every:
         from dmm.inloop import LoopConfig, LoopRefiner
         loop = replace(job.loop or LoopConfig(), every=job.dmm_every)
+        counts = {k: c.tolist() for k, c in enumerate(part.counts)}  # client id -> histogram
         if job.engine == "flower":
             from dmm.pipeline import preset
             loop_kw = dict(dmm=job.dmm or preset("default"), dmm_every=job.dmm_every, loop=loop,
                            refine_kwargs={"input_shape": tuple(data.input_shape),
                                           "pixel_range": data.pixel_range},
-                           label_counts={k: c.tolist() for k, c in enumerate(part.counts)})
+                           label_counts=counts)
         else:
             refiner = LoopRefiner(job.dmm, loop, create(job.arch, **kw),
                                   rounds=job.federated.rounds,
                                   input_shape=tuple(data.input_shape),
-                                  pixel_range=data.pixel_range,
-                                  label_counts={k: c.tolist() for k, c in enumerate(part.counts)})
+                                  pixel_range=data.pixel_range, label_counts=counts)
     folder = ensure_writable_dir(out) if out is not None else None  # after every check
     if job.engine == "flower":
         import torch

@@ -371,12 +371,21 @@ def _resolve(cfg: DMMConfig, model: nn.Module, label_counts) -> tuple[DMMConfig,
             {"compile": cfg.inversion.compile}  # a merged-model inversion given is kept
         return preset("head", seed=cfg.seed, buffer_weights=cfg.buffer_weights,
                       inversion=inv), notes
-    inv = cfg.inversion
-    if label_counts is None and inv.mode == "ensemble" and inv.teacher_labels == "histogram":
-        notes.append("no label histograms given: each teacher's inversion targets are its own "
-                     "predictions, the routed weights are estimated")
-        cfg = replace(cfg, inversion=replace(inv, teacher_labels="prediction"))
+    inv, note = inversion_for(cfg.inversion, label_counts)
+    if note:
+        notes.append(note)
+        cfg = replace(cfg, inversion=inv)
     return cfg, notes
+
+
+def inversion_for(inv: InversionConfig, label_counts) -> tuple[InversionConfig, str | None]:
+    """`inv` as it can run with these label histograms: without them, histogram targets become
+    each teacher's own predictions (and a note says so)."""
+    if label_counts is None and inv.mode == "ensemble" and inv.teacher_labels == "histogram":
+        return replace(inv, teacher_labels="prediction"), (
+            "no label histograms given: each teacher's inversion targets are its own "
+            "predictions, the routed weights are estimated")
+    return inv, None
 
 
 def _bn_summary(pseudo: PseudoData) -> dict:
