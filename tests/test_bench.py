@@ -308,6 +308,11 @@ def test_transfer_grid_runs_federated_rows_at_two_alphas_and_one_shot_rows_at_al
         "row_config"]
     with pytest.raises(DMMError, match="row_alphas names"):
         replace(spec, row_alphas={"cat": [0.1]}).validate()
+    # a subset of rows (--rows) keeps the preset's alphas for the rows it names
+    sub = get_preset("transfer", rows=["fedavg", "average"], alphas=[0.01])
+    sub.validate()
+    assert sub.row_alphas == {"fedavg": [0.1, 0.01]}
+    assert {c.row for c in sub.cells()} == {"fedavg", "average"}
 
 
 def test_transfer_rows_run_end_to_end_on_tiny_data(tmp_path):

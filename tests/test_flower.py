@@ -175,6 +175,63 @@ def test_failed_client_is_left_out_and_recorded(tmp_path, identity):
     assert len(strategy.history[0]["clients"]) == 2
 
 
+def test_a_restarted_node_is_asked_its_partition_and_used_again(tmp_path, identity):
+    """A SuperNode lost in round 1 (the SuperLink answers for it) and restarted under a new
+    node id: round 1 records the failure by partition, round 2 sends to the new node."""
+    from flwr.app import Error
+
+    task = _task(write_npz(tmp_path / "d.npz"), "fedavg", clients=3, rounds=2)
+
+    class Restarting(MemoryGrid):
+        def send_and_receive(self, messages, timeout=None):
+            replies = super().send_and_receive(messages, timeout)
+            train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+            if train and not getattr(self, "lost", None):
+                lost = self.node_ids[1]
+                i = next(i for i, r in enumerate(replies) if r.metadata.src_node_id == lost)
+                # the SuperLink's own answer for a node without heartbeat
+                replies[i] = Message(Error(code=5, reason="Node Unavailable"),
+                                     reply_to=train[i])
+                replies[i].metadata.__dict__["_src_node_id"] = 0
+                self.lost, new = lost, 5555
+                self.contexts[new] = self.contexts.pop(lost)  # same partition, new id
+                self.node_ids[1] = new
+            return replies
+
+    torch.manual_seed(0)
+    template = create("resnet8", **ARCH)
+    strategy = DMMFedAvg(template, seed=0, min_available_nodes=3)
+    grid = Restarting(task)
+    lost_pid = int(grid.contexts[grid.node_ids[1]].node_config["partition-id"])
+    strategy.start(grid, ArrayRecord(template.state_dict()), num_rounds=2)
+    assert [f["partition"] for f in strategy.failures] == [lost_pid]
+    assert strategy.failures[0]["reason"] == "Node Unavailable"
+    assert strategy.history[0]["failed"] == [lost_pid]
+    assert strategy.history[1]["clients"] == [0, 1, 2] and strategy.history[1]["failed"] == []
+    assert strategy._nodes[lost_pid] == 5555
+
+
+def test_a_new_node_cannot_claim_a_partition_still_held(tmp_path, identity):
+    task = _task(write_npz(tmp_path / "d.npz"), "fedavg", clients=2, rounds=2)
+
+    class Intruder(MemoryGrid):
+        def send_and_receive(self, messages, timeout=None):
+            replies = super().send_and_receive(messages, timeout)
+            if messages and messages[0].metadata.message_type == MessageType.TRAIN and \
+                    len(self.node_ids) == 2:
+                ctx = self.contexts[self.node_ids[0]]
+                self.contexts[7777] = Context(run_id=1, node_id=7777, state=RecordDict(),
+                                              run_config={}, node_config=ctx.node_config)
+                self.node_ids.append(7777)
+            return replies
+
+    torch.manual_seed(0)
+    template = create("resnet8", **ARCH)
+    strategy = DMMFedAvg(template, seed=0, min_available_nodes=2)
+    with pytest.raises(Exception, match="claims partition .* still holds"):
+        strategy.start(Intruder(task), ArrayRecord(template.state_dict()), num_rounds=2)
+
+
 def test_example_server_app_writes_a_checkpoint(tmp_path, identity):
     """The body of examples/flower's ServerApp, over the in-memory grid."""
     npz = write_npz(tmp_path / "d.npz")

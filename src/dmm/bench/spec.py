@@ -223,6 +223,9 @@ def get_preset(name: str, **overrides) -> BenchSpec:
         raise DMMError(f"unknown bench setting(s) {', '.join(unknown)} (--set KEY=VALUE takes "
                        f"a field of dmm.bench.BenchSpec)")
     spec = replace(PRESETS[name], **overrides)
+    if "rows" in overrides and "row_alphas" not in overrides:
+        # a subset of the preset's rows keeps the preset's alphas for the rows it names
+        spec.row_alphas = {r: a for r, a in spec.row_alphas.items() if r in spec.rows}
     if spec.dataset in PAIR_DATASETS:  # image + text: the model and the rows that apply
         if "arch" not in overrides:
             spec.arch = "image_text"

@@ -9,7 +9,7 @@ from dmm.data.partition import Partition, PartitionConfig, dirichlet_partition
 
 # importing registers the built-in image data sets (the image + text ones register from
 # dmm.multimodal, which `import dmm` imports)
-from dmm.data import cifar, fmnist, npz  # noqa: E402, F401  isort: skip
+from dmm.data import cifar, fmnist, npz, party  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "ImageDataset",

@@ -3,7 +3,9 @@
 Each SuperNode knows its `partition-id` (Flower's node config). The ClientApp carries a small
 `ClientTask` (data set name, split, architecture, federated config); each worker process loads
 the data set and draws the Dirichlet partition once (the same call as `dmm train`, so the same
-seed gives the same split) and caches them. Messages carry only model arrays.
+seed gives the same split) and caches them. A deployed SuperNode whose node config names a
+`data-file` (a party file, `dmm.data.party`) reads only that file instead. Messages carry only
+model arrays.
 
 Handlers:
 - `query`: replies with the node's partition id (the strategy maps partitions to node ids with it,
@@ -75,6 +77,36 @@ def task_data(task: ClientTask):
     return _task_data(task.key())
 
 
+@lru_cache(maxsize=2)
+def party_data(path: str):
+    """(data, partition id, number of partitions) of one party file, once per process."""
+    from dmm.data.party import read_party
+
+    return read_party(path)
+
+
+def node_data(task: ClientTask, node_config) -> tuple:
+    """(images, labels, normalize) of this node's partition.
+
+    A node whose config names a `data-file` (a party file, `dmm.data.party`) reads that file
+    and nothing else: what a deployed SuperNode holds. Otherwise the node loads the task's
+    data set and takes its Dirichlet slice by `partition-id` (the simulation engine)."""
+    from dmm import inputs as I
+    from dmm.errors import DMMError
+
+    pid = int(node_config["partition-id"])
+    if node_config.get("data-file"):
+        path = str(node_config["data-file"])
+        data, file_pid, n_parts = party_data(path)
+        if file_pid not in (-1, pid) or n_parts not in (0, task.clients):
+            raise DMMError(f"{path}: party file of partition {file_pid} of {n_parts}, but "
+                           f"this node is partition {pid} of {task.clients}")
+        return data.x_train, data.y_train, data.normalize
+    data, part = task_data(task)
+    idx = torch.as_tensor(part.indices[pid])
+    return I.take(data.x_train, idx), data.y_train[idx], data.normalize
+
+
 def handle_query(msg: Message, context: Context) -> Message:
     """Reply with this node's partition id."""
     pid = int(context.node_config["partition-id"])
@@ -98,9 +130,7 @@ def handle_train(task: ClientTask, msg: Message, context: Context) -> Message:
     if n_parts != task.clients:
         raise ValueError(f"the federation has {n_parts} nodes but the task {task.clients} "
                          "clients")
-    data, part = task_data(task)
-    idx = torch.as_tensor(part.indices[pid])
-    x, y = I.take(data.x_train, idx), data.y_train[idx]
+    x, y, normalize = node_data(task, context.node_config)
     server_round = int(msg.content["config"]["server-round"])
     received = dict(msg.content["arrays"].to_torch_state_dict())
     with torch.device("meta"):  # compared before anything is allocated for the model
@@ -113,10 +143,10 @@ def handle_train(task: ClientTask, msg: Message, context: Context) -> Message:
            if own_keys and BN_STATE_KEY in context.state else None)
     start = client_start(received, own, own_keys)
     round_ = 0 if cfg.regime == "oneshot" else server_round
-    state, stats = local_update(model, start, x, y, data.normalize, cfg, round_, pid)
+    state, stats = local_update(model, start, x, y, normalize, cfg, round_, pid)
     if own_keys:
         context.state[BN_STATE_KEY] = ArrayRecord({k: state[k] for k in own_keys})
-    metrics = MetricRecord({"num-examples": len(part.indices[pid]), "partition-id": pid,
+    metrics = MetricRecord({"num-examples": I.count(x), "partition-id": pid,
                             "train-loss": float(stats["loss"])})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 

@@ -104,6 +104,7 @@ class DMMFedAvg(FedAvg):
         self._refined_at = 0                          # the round whose model DMM refined
         self._round = 0                               # the last round aggregated
         self._t_round = 0.0
+        self._chosen: list[int] = []                  # the partitions sent this round
         self.num_rounds = 0
         self.client_states: dict[int, StateDict] = {}
         self.n_samples: dict[int, int] = {}
@@ -126,29 +127,60 @@ class DMMFedAvg(FedAvg):
                 raise DMMError(f"only {len(nodes)} of {self.min_available_nodes} Flower nodes "
                                f"connected within {self.discovery_timeout:.0f} s")
             time.sleep(0.2)
+        out = self._ask_partitions(grid, nodes, {})
+        if sorted(out) != list(range(len(out))):
+            raise DMMError(f"Flower nodes' partition ids are not 0..{len(out) - 1}: {sorted(out)}")
+        return out
+
+    def _ask_partitions(self, grid: Grid, nodes: list[int], known: dict[int, int]
+                        ) -> dict[int, int]:
+        """`known` (partition id -> node id) updated with what `nodes` say of themselves."""
         msgs = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
-        out: dict[int, int] = {}
+        out, fresh = dict(known), set()
         for reply in grid.send_and_receive(msgs, timeout=self.discovery_timeout):
             if reply.has_error():
                 raise DMMError(f"Flower node {reply.metadata.src_node_id} did not say its "
                                f"partition: {reply.error.reason}")
             pid = int(reply.content["metrics"]["partition-id"])
-            if pid in out:
+            if pid in fresh:
                 raise DMMError(f"two Flower nodes claim partition {pid}")
+            fresh.add(pid)
             out[pid] = reply.metadata.src_node_id
-        if sorted(out) != list(range(len(out))):
-            raise DMMError(f"Flower nodes' partition ids are not 0..{len(out) - 1}: {sorted(out)}")
         return out
+
+    def _refresh(self, grid: Grid) -> None:
+        """Nodes that joined since the last round (a SuperNode restarted after a failure gets
+        a new node id) are asked their partition; a partition's newest node replaces its old
+        one. A partition whose node is still connected cannot be claimed by another."""
+        connected = set(grid.get_node_ids())
+        new = sorted(connected - set(self._nodes.values()))
+        if not new:
+            return
+        updated = self._ask_partitions(grid, new, self._nodes)
+        for pid, node in updated.items():
+            old = self._nodes.get(pid)
+            if old is not None and old != node and old in connected:
+                raise DMMError(f"Flower node {node} claims partition {pid}, which node {old} "
+                               "still holds")
+            if pid not in range(len(self._nodes)):
+                raise DMMError(f"Flower node {node} claims partition {pid}, outside "
+                               f"0..{len(self._nodes) - 1}")
+            if old is not None and old != node:
+                log.warning("partition %d: node %d replaces node %d", pid, node, old)
+        self._nodes = updated
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self._nodes is None:
             self._nodes = self._discover(grid)
+        else:
+            self._refresh(grid)
         self._t_round = time.perf_counter()
         k = len(self._nodes)
         chosen = (list(range(k)) if self.regime == "oneshot"
                   else sample_clients(self._rng, k, self.fraction_train))
+        self._chosen = chosen
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, [self._nodes[p] for p in chosen],
@@ -158,9 +190,19 @@ class DMMFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self._round = server_round
         valid, errors = self._check_and_log_replies(replies, is_train=True)
-        for msg in errors:
-            self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                  "reason": msg.error.reason})
+        valid = list(valid)
+        # one failure per partition sent and not answered; the reason is the node's own error,
+        # or the SuperLink's (it answers for a node it lost: no heartbeat)
+        reasons = {m.metadata.src_node_id: m.error.reason for m in errors}
+        nodes = self._nodes or {}
+        link = [r for n, r in reasons.items() if n not in nodes.values()]
+        answered = {int(m.content["metrics"]["partition-id"]) for m in valid}
+        missing = [p for p in self._chosen if p not in answered]
+        for pid in missing:
+            node = nodes.get(pid)
+            self.failures.append({"round": server_round, "partition": pid, "node": node,
+                                  "reason": reasons.get(node) or (link[0] if link
+                                                                  else "no reply")})
         if not valid:
             return None, None
         got = sorted(((int(m.content["metrics"]["partition-id"]), m) for m in valid),
@@ -180,7 +222,8 @@ class DMMFedAvg(FedAvg):
                 from dmm.bn import aggregate_bn_buffers
                 g = aggregate_bn_buffers(states, self.template, weights=ns, into=g)
             self._global = g
-        row = {"round": server_round, "clients": pids, "train_loss": float(np.mean(losses)),
+        row = {"round": server_round, "clients": pids, "failed": missing,
+               "train_loss": float(np.mean(losses)),
                "seconds": time.perf_counter() - self._t_round}
         if self.dmm is not None and (server_round == self.num_rounds or
                                      (self.dmm_every and server_round % self.dmm_every == 0)):
