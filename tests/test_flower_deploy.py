@@ -52,6 +52,13 @@ def _flower_processes() -> set[int]:
     return out
 
 
+def _listening(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _temp_entries() -> set[str]:
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dmm-")}
 
@@ -93,6 +100,7 @@ def test_deployment_on_loopback_matches_the_simulation_engine(tmp_path):
     # ClientApps) is gone; nothing is left in the temp folder or the app's folder
     assert len(r.started) >= 5 and r.leftover == []
     assert not [p for p in r.started if _alive(p)]
+    assert len(r.ports) == 3 and not [p for p in r.ports if _listening(p)]
     assert _temp_entries() == temp_before
     assert sorted(p.relative_to(app_dir()) for p in app_dir().rglob("*")
                   if "__pycache__" not in p.parts) == listing_before

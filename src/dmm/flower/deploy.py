@@ -129,6 +129,7 @@ class LocalDeployment:
     nodes: dict[int, Proc] = field(default_factory=dict)
     port: int = 0
     seen: set[int] = field(default_factory=set)   # every pid of ours ever seen alive
+    node_ports: list[int] = field(default_factory=list)  # every SuperNode port used
     _pgids: set[int] = field(default_factory=set)
     _restarts: dict[int, int] = field(default_factory=dict)
 
@@ -183,6 +184,7 @@ class LocalDeployment:
         n = self._restarts.get(i, 0)
         self._restarts[i] = n + 1
         port = self._node_ports[i] if n == 0 else free_ports(1)[0]
+        self.node_ports.append(port)
         proc = self._spawn(f"supernode-{i}" + (f"-restart{n}" if n else ""), [
             _tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
             "--host", "127.0.0.1", "--port", str(port), "--node-config", cfg])
@@ -328,6 +330,7 @@ class DeployResult:
     seconds: float                # wall time from the SuperLink's start to every process gone
     run_seconds: float            # wall time of `flwr run`
     events: list[dict]            # what the fault plan did, with the round it happened in
+    ports: list[int]              # the ports it listened on (SuperLink, SuperNodes)
     started: list[int]            # every process of the deployment seen alive
     leftover: list[int]           # processes still alive after the stop (should be none)
     output: str                   # the streamed log of `flwr run`
@@ -414,7 +417,7 @@ def deploy_run(app: str | Path, run_config: dict, parties: list[Path], descripti
         if workdir is None and not leftover:
             shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(summary, out, time.perf_counter() - t0, run_seconds, events,
-                        sorted(dep.seen), leftover, output)
+                        [dep.port, *dep.node_ports], sorted(dep.seen), leftover, output)
 
 
 def rehearse(data, partition, run_config: dict, out: str | Path, *,
