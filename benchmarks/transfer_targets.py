@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -171,6 +172,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/fmnist-transfer"))
     ap.add_argument("--cache", type=Path, default=Path("runs/bench-cache"))
     args = ap.parse_args()
+    for name in ("spec.json", "cells.jsonl"):
+        if not (args.results / name).is_file():
+            print(f"transfer_targets: {args.results / name}: no such file "
+                  "(--results must be a `dmm bench --preset transfer` folder)", file=sys.stderr)
+            raise SystemExit(2)
     text = report(load(args.results), args.cache)
     write_text(args.results / "targets.md", text)
     print(text)
