@@ -362,3 +362,40 @@ def test_a_fallback_to_the_head_refinement_shares_no_pseudo_data_with_a_transfer
     recs = {r["row"]: r for r in store.records.values()}
     assert recs["fedavg+dmm"]["inversion"]["config"]["mode"] == "merged"
     assert recs["fedavg+dmm_transfer"]["inversion"]["config"]["mode"] == "ensemble"
+
+
+def test_the_in_loop_row_trains_its_own_models_and_reports_every_refinement(tmp_path):
+    from dmm.bench import ROWS, register_row, run_bench
+    from dmm.bench.rows import loop_row
+    from dmm.bench.spec import get_preset
+
+    # Prepare: the preset's row is keyed by its loop settings; a test row refines every round
+    spec = get_preset("transfer")
+    key = spec.cell_settings(Cell(0.01, 10, 0, "fedavg+dmm_round"))
+    assert key["row_config"]["loop"]["every"] == 20 and key["train"]["rounds"] == 60
+    assert spec.cell_key(Cell(0.01, 10, 0, "fedavg+dmm_round")) != spec.cell_key(
+        Cell(0.01, 10, 0, "fedavg+dmm"))
+    register_row(loop_row("test-loop", "Test loop", 1, loop={"refresh": 4, "steps": 2,
+                                                              "pool": 10}))
+    try:
+        tiny = BenchSpec(dataset="npz", data_root=str(write_npz(tmp_path / "tiny.npz")),
+                         alphas=[0.5], seeds=[0], arch="resnet8", clients=3, local_iters=2,
+                         batch_size=16, rounds=2, inversion_images=8, inversion_iters=2,
+                         distill_steps=2, compile=False, rows=["test-loop", "fedavg+dmm_round"])
+        # Execute
+        store = run_bench(tiny, tmp_path / "res", tmp_path / "cache", progress=False,
+                          report=lambda s: None)
+    finally:
+        ROWS.pop("test-loop")
+    # Assert: a refinement after each round (every 1) or only after the last (every 20 > 2
+    # rounds); the seconds add up; no cache entry (the row trains its own models)
+    recs = {r["row"]: r for r in store.records.values()}
+    every1, every20 = recs["test-loop"], recs["fedavg+dmm_round"]
+    assert [r["round"] for r in every1["loop"]["reports"]] == [1, 2]
+    assert [r["round"] for r in every20["loop"]["reports"]] == [2]
+    for r in (every1, every20):
+        assert r["refine_s"] == pytest.approx(sum(x["seconds"] for x in r["loop"]["reports"]))
+        assert r["train_s"] > 0 and 0 <= r["accuracy"] <= 1
+        assert r["loop"]["guard_fired"] == sum(not x["kept"] for x in r["loop"]["reports"])
+    assert every1["loop"]["reports"][1]["pool"] <= 10
+    assert not any((tmp_path / "cache").rglob("meta.json"))

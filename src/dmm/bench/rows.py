@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dmm.bench.registry import Row, register_row
 from dmm.dense import DenseConfig
+from dmm.inloop import LoopConfig
 from dmm.pipeline import DMMConfig, preset
 
 if TYPE_CHECKING:
@@ -137,6 +138,31 @@ def dmm_row(name: str, pretty_name: str, student: str, variant: str, *,
     return Row(name, pretty_name, regime, build, config, **kw)
 
 
+def loop_row(name: str, pretty_name: str, every: int, *, loop: dict | None = None,
+             **kw) -> Row:
+    """FedAvg trained with DMM on the server after every `every`-th round and the last
+    (`dmm.inloop.LoopRefiner`: the default preset at the bench's budget for the first
+    refinement, then the pool; `loop` sets the other `LoopConfig` fields). It trains its own
+    models (the refinements change every later round), so its `train_s` is its FedAvg share
+    and `refine_s` the sum of its refinements: its whole wall time is their sum."""
+    def settings(spec, seed):
+        return dmm_config("default", spec, seed), LoopConfig(every=every, **(loop or {}))
+
+    def config(spec, seed):
+        cfg, lc = settings(spec, seed)
+        return {"dmm": cfg.to_dict(), "loop": lc.to_dict()}
+
+    def build(group):
+        cfg, lc = settings(group.spec, group.seed)
+        state, wall, reports = group.train_in_loop("fedavg", cfg, lc)
+        dmm_s = sum(r["seconds"] for r in reports)
+        return group.model(state), {
+            "train_s": wall - dmm_s, "refine_s": dmm_s, "row_s": dmm_s,
+            "loop": {**lc.to_dict(), "refinements": len(reports),
+                     "guard_fired": sum(not r["kept"] for r in reports), "reports": reports}}
+    return Row(name, pretty_name, "fedavg", build, config, **kw)
+
+
 def _ensemble(group):
     from dmm.evaluate import predict_logits
 
@@ -229,3 +255,7 @@ register_row(dmm_row("average+dmm_estimated", "Average + DMM, ownership estimate
 register_row(dmm_row("fedavg+dmm_transfer", "FedAvg + DMM without the teacher check "
                      "(preset transfer)", "fedavg", "transfer", section="ablation",
                      ablation=("fedavg", 5)))
+# DMM inside the loop (issue 14): N = 20 of 60 rounds, sized by the cost cap (README, "DMM in
+# the loop")
+register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the loop)", 20,
+                      section="ablation", ablation=("fedavg", 6)))

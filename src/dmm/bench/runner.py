@@ -114,12 +114,41 @@ class Group:
             self._trained[regime] = Trained(folder, self.spec.arch, self.arch_kwargs)
         return self._trained[regime]
 
-    def _train(self, regime: str, settings: dict, folder: Path) -> None:
-        from dmm.jobs import DataConfig, TrainJob, save_models, train
+    def _train_config(self, regime: str) -> TrainConfig:
+        spec = self.spec
+        return TrainConfig(lr=spec.lr, batch_size=spec.batch_size, local_iters=spec.local_iters,
+                           prox_mu=spec.mu if regime == "fedprox" else 0.0)
+
+    def _job(self, regime: str, **kw):
+        """The `dmm.jobs.TrainJob` of a federated regime under the bench's settings (`kw`: the
+        in-loop DMM fields of `TrainJob`)."""
+        from dmm.jobs import DataConfig, TrainJob
 
         spec = self.spec
-        tc = TrainConfig(lr=spec.lr, batch_size=spec.batch_size, local_iters=spec.local_iters,
-                         prox_mu=spec.mu if regime == "fedprox" else 0.0)
+        return TrainJob(DataConfig(spec.dataset, spec.data_root, spec.n_train, spec.n_test),
+                        self.partition_config,
+                        FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed,
+                                        train=self._train_config(regime)),
+                        arch=spec.arch, width=spec.width, evaluate=False, device=spec.device,
+                        **kw)
+
+    def train_in_loop(self, regime: str, dmm, loop) -> tuple[StateDict, float, list[dict]]:
+        """`regime` trained with DMM on the server every `loop.every` rounds
+        (`dmm.inloop.LoopRefiner`, the clients' label histograms known): the final global
+        state, the whole wall time (training and refinements) and one report per refinement.
+        Not cached: the row's cell holds the result."""
+        from dmm.jobs import train
+
+        t0 = time.perf_counter()
+        out = train(self._job(regime, dmm_every=loop.every, dmm=dmm, loop=loop),
+                    data=self.data, partition=self.partition, progress=False)
+        return state_of(out.result.global_state), time.perf_counter() - t0, out.dmm_reports
+
+    def _train(self, regime: str, settings: dict, folder: Path) -> None:
+        from dmm.jobs import save_models, train
+
+        spec = self.spec
+        tc = self._train_config(regime)
         t0 = time.perf_counter()
         if regime == "central":
             torch.manual_seed(self.seed)
@@ -130,12 +159,8 @@ class Group:
                         generator=torch.Generator().manual_seed(self.seed))
             glob, clients, n = model.state_dict(), [], [len(self.data.y_train)]
         else:
-            job = TrainJob(DataConfig(spec.dataset, spec.data_root, spec.n_train, spec.n_test),
-                           self.partition_config,
-                           FederatedConfig(regime=regime, rounds=spec.rounds, seed=self.seed,
-                                           train=tc),
-                           arch=spec.arch, width=spec.width, evaluate=False, device=spec.device)
-            res = train(job, data=self.data, partition=self.partition, progress=False).result
+            res = train(self._job(regime), data=self.data, partition=self.partition,
+                        progress=False).result
             init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
                 res.n_samples
         init, clients = state_of(init), [state_of(c) for c in clients]
