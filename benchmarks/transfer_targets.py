@@ -84,6 +84,60 @@ def histogram_error(r: dict, cache: Path) -> float | None:
     return sum(tv) / len(tv)
 
 
+def in_loop(recs: dict[tuple, dict], seeds: list[int]) -> list[str]:
+    """Issue 14: `fedavg+dmm_round` against `fedavg` (+15 / +8 points on every seed) and the
+    post-hoc default (above it at alpha 0.01), its whole wall time against FedAvg's (<= 1.5x:
+    against the `fedavg` cell's training, and against its own FedAvg share), and the guard."""
+    get = recs.get
+    if not any(row == "fedavg+dmm_round" for row, _, _ in recs):
+        return []
+    out = ["", "**DMM in the loop (`fedavg+dmm_round`) per seed**", "",
+           "| α | seed | fedavg | post-hoc fedavg+dmm | in the loop | gain | over post-hoc | "
+           "wall / fedavg cell | wall / own FedAvg share | checks (round: verdict) | "
+           "guard fired |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts = defaultdict(list)
+    for a in FED_ALPHAS:
+        for s in seeds:
+            r = get(("fedavg+dmm_round", a, s))
+            if r is None:
+                continue
+            base, post = get(("fedavg", a, s)), get(("fedavg+dmm", a, s))
+            wall = r["train_s"] + r["refine_s"]
+            gain = 100 * (r["accuracy"] - base["accuracy"]) if base else None
+            over = 100 * (r["accuracy"] - post["accuracy"]) if post else None
+            ratio = wall / base["train_s"] if base else None
+            verdicts[a].append((gain, over, ratio))
+            reps = r["loop"]["reports"]
+            checks = ", ".join(
+                f"{x['round']}: " + ("–" if not x.get("teacher_check") else
+                                     "transfer" if x["teacher_check"]["transfer"] else "head")
+                for x in reps)
+            out.append(
+                f"| {a} | {s} | {pct(base)} | {pct(post)} | {pct(r)} | "
+                f"{'–' if gain is None else f'{gain:+.2f}'} | "
+                f"{'–' if over is None else f'{over:+.2f}'} | "
+                f"{'–' if ratio is None else f'{ratio:.2f}x'} | "
+                f"{wall / r['train_s']:.2f}x | {checks} | "
+                f"{r['loop']['guard_fired']}/{r['loop']['refinements']} |")
+    out.append("")
+    target = {0.1: 8.0, 0.01: 15.0}
+    for a in FED_ALPHAS:
+        v = [x for x in verdicts[a] if x[0] is not None]
+        if not v:
+            continue
+        line = (f"- α {a}: gain {', '.join(f'{g:+.2f}' for g, _, _ in v)}; target >= "
+                f"+{target[a]:.0f} on every seed: "
+                f"{'met' if min(g for g, _, _ in v) >= target[a] else 'missed'}")
+        if a == 0.01 and all(o is not None for _, o, _ in v):
+            line += (f"; above post-hoc on {sum(o > 0 for _, o, _ in v)}/{len(v)} seed(s)")
+        walls = [w for _, _, w in v if w is not None]
+        if walls:
+            line += (f"; wall / FedAvg {', '.join(f'{w:.2f}' for w in walls)} (cap 1.5: "
+                     f"{'met' if max(walls) <= 1.5 else 'missed'})")
+        out.append(line)
+    return out
+
+
 def report(recs: dict[tuple, dict], cache: Path) -> str:
     seeds = sorted({s for _, _, s in recs})
     get = recs.get
@@ -114,6 +168,7 @@ def report(recs: dict[tuple, dict], cache: Path) -> str:
                        f"every seed, mean >= +{FED_TARGET[a]:.0f}): "
                        f"{'met' if ok else 'missed'}")
 
+    out += in_loop(recs, seeds)
     out += ["", "**One-shot (the clients' plain average, refined) per seed**", "",
             "| α | seed | ensemble | ensemble_routed | average | average+dmm | / ensemble | "
             "check | dense | merged-only | plain softmax | estimated |",

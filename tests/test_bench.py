@@ -233,7 +233,8 @@ def test_damaged_cache_entry_is_one_line_naming_the_file_and_key(tmp_path):
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("folder", ["fmnist-paper", "fmnist-quick", "emoji-mm-paper"])
+@pytest.mark.parametrize("folder", ["fmnist-paper", "fmnist-quick", "emoji-mm-paper",
+                                    "fmnist-transfer"])
 def test_committed_records_keep_their_cache_keys(folder):
     """A refactor of rows or configs must not silently orphan committed results: every record
     of a preset's grid is found under the key the current code computes for its cell."""
@@ -399,3 +400,35 @@ def test_the_in_loop_row_trains_its_own_models_and_reports_every_refinement(tmp_
         assert r["loop"]["guard_fired"] == sum(not x["kept"] for x in r["loop"]["reports"])
     assert every1["loop"]["reports"][1]["pool"] <= 10
     assert not any((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_the_in_loop_targets_are_judged_per_seed_from_the_records():
+    import importlib.util
+
+    # Prepare: records of two seeds at alpha 0.01, one over the targets, one under
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer_targets.py"
+    spec = importlib.util.spec_from_file_location("transfer_targets", path)
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+
+    def loop(acc, train_s, refine_s, kept):
+        reps = [{"round": 20 * (i + 1), "kept": k, "teacher_check": {"transfer": True}}
+                for i, k in enumerate(kept)]
+        return {"accuracy": acc, "train_s": train_s, "refine_s": refine_s,
+                "loop": {"reports": reps, "refinements": len(reps),
+                         "guard_fired": sum(not k for k in kept)}}
+
+    recs = {("fedavg", 0.01, 0): {"accuracy": 0.30, "train_s": 100.0},
+            ("fedavg+dmm", 0.01, 0): {"accuracy": 0.33},
+            ("fedavg+dmm_round", 0.01, 0): loop(0.50, 100.0, 40.0, [True, True, True]),
+            ("fedavg", 0.01, 1): {"accuracy": 0.30, "train_s": 100.0},
+            ("fedavg+dmm", 0.01, 1): {"accuracy": 0.35},
+            ("fedavg+dmm_round", 0.01, 1): loop(0.34, 110.0, 50.0, [True, False, True])}
+    # Execute
+    text = "\n".join(tt.in_loop(recs, [0, 1]))
+    # Assert: gains +20 and +4 (missed), above post-hoc on 1 of 2, 1.40x and 1.60x (missed)
+    assert "| 0.01 | 0 | 30.00 | 33.00 | 50.00 | +20.00 | +17.00 | 1.40x | 1.40x |" in text
+    assert "| 0.01 | 1 |" in text and "| 1/3 |" in text
+    assert "gain +20.00, +4.00; target >= +15 on every seed: missed" in text
+    assert "above post-hoc on 1/2 seed(s)" in text and "(cap 1.5: missed)" in text
+    assert tt.in_loop({("fedavg", 0.1, 0): {"accuracy": 0.5, "train_s": 1.0}}, [0]) == []

@@ -138,15 +138,15 @@ def dmm_row(name: str, pretty_name: str, student: str, variant: str, *,
     return Row(name, pretty_name, regime, build, config, **kw)
 
 
-def loop_row(name: str, pretty_name: str, every: int, *, loop: dict | None = None,
-             **kw) -> Row:
+def loop_row(name: str, pretty_name: str, every: int, *, variant: str = "default",
+             loop: dict | None = None, **kw) -> Row:
     """FedAvg trained with DMM on the server after every `every`-th round and the last
-    (`dmm.inloop.LoopRefiner`: the default preset at the bench's budget for the first
+    (`dmm.inloop.LoopRefiner`: the DMM preset `variant` at the bench's budget for the first
     refinement, then the pool; `loop` sets the other `LoopConfig` fields). It trains its own
     models (the refinements change every later round), so its `train_s` is its FedAvg share
     and `refine_s` the sum of its refinements: its whole wall time is their sum."""
     def settings(spec, seed):
-        return dmm_config("default", spec, seed), LoopConfig(every=every, **(loop or {}))
+        return dmm_config(variant, spec, seed), LoopConfig(every=every, **(loop or {}))
 
     def config(spec, seed):
         cfg, lc = settings(spec, seed)
@@ -259,3 +259,6 @@ register_row(dmm_row("fedavg+dmm_transfer", "FedAvg + DMM without the teacher ch
 # the loop")
 register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the loop)", 20,
                       section="ablation", ablation=("fedavg", 6)))
+register_row(loop_row("fedavg+dmm_round_transfer", "FedAvg + DMM every 20 rounds, without the "
+                      "teacher check (preset transfer)", 20, variant="transfer",
+                      section="ablation", ablation=("fedavg", 7)))
