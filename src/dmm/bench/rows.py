@@ -259,6 +259,6 @@ register_row(dmm_row("fedavg+dmm_transfer", "FedAvg + DMM without the teacher ch
 # the loop")
 register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the loop)", 20,
                       section="ablation", ablation=("fedavg", 6)))
-register_row(loop_row("fedavg+dmm_round_transfer", "FedAvg + DMM every 20 rounds, without the "
-                      "teacher check (preset transfer)", 20, variant="transfer",
-                      section="ablation", ablation=("fedavg", 7)))
+register_row(loop_row("fedavg+dmm_round_head", "FedAvg + DMM every 20 rounds, head only "
+                      "(preset head)", 20, variant="head", section="ablation",
+                      ablation=("fedavg", 7)))

@@ -22,7 +22,7 @@ ABLATIONS = ["fedavg+buffer", "fedavg+dmm_paper", "fedavg+dmm_head", "cat+buffer
              "cat+dmm_paper", "cat+dmm_head"]
 # the transfer grid: federated rows at alpha 0.1 and 0.01, one-shot rows at every alpha
 FEDERATED_TRANSFER = ["fedavg", "fedavg+dmm", "fedavg+dmm_head", "fedavg+dmm_paper",
-                      "fedavg+dmm_transfer", "fedavg+dmm_round", "fedavg+dmm_round_transfer"]
+                      "fedavg+dmm_transfer", "fedavg+dmm_round", "fedavg+dmm_round_head"]
 ONESHOT_TRANSFER = ["ensemble", "ensemble_routed", "average", "average+dmm", "dense",
                     "average+dmm_merged", "average+dmm_plain", "average+dmm_estimated"]
 # image + text data sets (ImageTextNet): only the rows registered with image_text=True apply.
