@@ -426,9 +426,16 @@ def test_the_in_loop_targets_are_judged_per_seed_from_the_records():
             ("fedavg+dmm_round", 0.01, 1): loop(0.34, 110.0, 50.0, [True, False, True])}
     # Execute
     text = "\n".join(tt.in_loop(recs, [0, 1]))
-    # Assert: gains +20 and +4 (missed), above post-hoc on 1 of 2, 1.40x and 1.60x (missed)
+    # Assert: gains +20 and +4 (missed), above post-hoc on 1 of 2, 1.40x and 1.45x of the
+    # records' own FedAvg share (met)
     assert "| 0.01 | 0 | 30.00 | 33.00 | 50.00 | +20.00 | +17.00 | 1.40x | 1.40x |" in text
+    again = tt.in_loop(recs, [0, 1], {("fedavg", 0.01, 0): {"accuracy": 0.4, "train_s": 70.0}})
+    assert "| +10.00 (2.00x) |" in "\n".join(again)
     assert "| 0.01 | 1 |" in text and "| 1/3 |" in text
     assert "gain +20.00, +4.00; target >= +15 on every seed: missed" in text
-    assert "above post-hoc on 1/2 seed(s)" in text and "(cap 1.5: missed)" in text
+    assert "above post-hoc on 1/2 seed(s)" in text and "share 1.40, 1.45 (cap 1.5: met" in text
     assert tt.in_loop({("fedavg", 0.1, 0): {"accuracy": 0.5, "train_s": 1.0}}, [0]) == []
+    # a run whose guard rejected every refinement is FedAvg of its session
+    rejected = {("fedavg+dmm_round_head", 0.01, 1): loop(0.39, 90.0, 30.0, [False] * 3)}
+    assert tt.same_session({**recs, **rejected}, {}) == {
+        ("fedavg", 0.01, 1): {"accuracy": 0.39, "train_s": 90.0}}
