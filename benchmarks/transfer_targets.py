@@ -37,17 +37,20 @@ FED_ALPHAS, ONESHOT_ALPHAS = (0.1, 0.01), (0.5, 0.1, 0.01)
 FED_TARGET = {0.1: 8.0, 0.01: 12.0}
 
 
+def records(path: Path) -> list[dict]:
+    """The complete records of a cells.jsonl (a torn last line is skipped; nothing written)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+
+
 def load(folder: Path) -> dict[tuple, dict]:
     """(row, alpha, seed) -> record, for the cells of the folder's spec under the keys the
     current code computes (records of an older configuration are left out)."""
     spec = BenchSpec.from_dict(json.loads((folder / "spec.json").read_text())["spec"])
     wanted = {spec.cell_key(c) for c in spec.cells()}
     out = {}
-    for line in (folder / "cells.jsonl").read_text().splitlines():
-        if line.endswith("}"):
-            r = json.loads(line)
-            if r["key"] in wanted:
-                out[(r["row"], r["alpha"], r["seed"])] = r
+    for r in records(folder / "cells.jsonl"):
+        if r["key"] in wanted:
+            out[(r["row"], r["alpha"], r["seed"])] = r
     return out
 
 
@@ -115,7 +118,8 @@ def in_loop(recs: dict[tuple, dict], seeds: list[int], rerun: dict[tuple, dict] 
             gain = 100 * (r["accuracy"] - base["accuracy"]) if base else None
             over = 100 * (r["accuracy"] - post["accuracy"]) if post else None
             ratio = wall / base["train_s"] if base else None
-            verdicts[a].append((gain, over, wall / r["train_s"]))
+            own = wall / r["train_s"]  # the training's share of the same run
+            verdicts[a].append((gain, over, own))
             again_of = rerun.get(("fedavg", a, s))
             reps = r["loop"]["reports"]
             checks = ", ".join(
@@ -127,8 +131,9 @@ def in_loop(recs: dict[tuple, dict], seeds: list[int], rerun: dict[tuple, dict] 
                 f"{'–' if gain is None else f'{gain:+.2f}'} | "
                 f"{'–' if over is None else f'{over:+.2f}'} | "
                 f"{'–' if ratio is None else f'{ratio:.2f}x'} | "
-                f"{wall / r['train_s']:.2f}x | {checks} | "
-                f"{r['loop']['guard_fired']}/{r['loop']['refinements']} | {again(r, again_of)} |")
+                f"{own:.2f}x | {checks} | "
+                f"{r['loop']['guard_fired']}/{r['loop']['refinements']} | "
+                f"{again(r['accuracy'], wall, again_of)} |")
     out.append("")
     target = {0.1: 8.0, 0.01: 15.0}
     for a in FED_ALPHAS:
@@ -140,21 +145,19 @@ def in_loop(recs: dict[tuple, dict], seeds: list[int], rerun: dict[tuple, dict] 
                 f"{'met' if min(g for g, _, _ in v) >= target[a] else 'missed'}")
         if a == 0.01 and all(o is not None for _, o, _ in v):
             line += (f"; above post-hoc on {sum(o > 0 for _, o, _ in v)}/{len(v)} seed(s)")
-        walls = [w for _, _, w in v if w is not None]
-        if walls:
-            line += (f"; wall / its own FedAvg share {', '.join(f'{w:.2f}' for w in walls)} "
-                     f"(cap 1.5: {'met' if max(walls) <= 1.5 else 'missed'}; the committed "
-                     f"FedAvg cells ran in another session at another speed)")
+        walls = [w for _, _, w in v]
+        line += (f"; wall / its own FedAvg share {', '.join(f'{w:.2f}' for w in walls)} "
+                 f"(cap 1.5: {'met' if max(walls) <= 1.5 else 'missed'}; the committed "
+                 f"FedAvg cells ran in another session at another speed)")
         out.append(line)
     return out
 
 
-def again(r: dict, base: dict | None) -> str:
+def again(accuracy: float, wall: float, base: dict | None) -> str:
     """Gain and whole wall time of an in-loop record against a FedAvg retrained beside it."""
     if base is None:
         return "–"
-    return (f"{100 * (r['accuracy'] - base['accuracy']):+.2f} "
-            f"({(r['train_s'] + r['refine_s']) / base['train_s']:.2f}x)")
+    return f"{100 * (accuracy - base['accuracy']):+.2f} ({wall / base['train_s']:.2f}x)"
 
 
 def load_rerun(folder: Path) -> dict[tuple, dict]:
@@ -162,8 +165,7 @@ def load_rerun(folder: Path) -> dict[tuple, dict]:
     path = folder / "cells.jsonl"
     if not path.is_file():
         return {}
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
-    return {(r["row"], r["alpha"], r["seed"]): r for r in recs}
+    return {(r["row"], r["alpha"], r["seed"]): r for r in records(path)}
 
 
 def same_session(recs: dict[tuple, dict], rerun: dict[tuple, dict]) -> dict[tuple, dict]:

@@ -255,8 +255,8 @@ register_row(dmm_row("average+dmm_estimated", "Average + DMM, ownership estimate
 register_row(dmm_row("fedavg+dmm_transfer", "FedAvg + DMM without the teacher check "
                      "(preset transfer)", "fedavg", "transfer", section="ablation",
                      ablation=("fedavg", 5)))
-# DMM inside the loop (issue 14): N = 20 of 60 rounds, sized by the cost cap (README, "DMM in
-# the loop")
+# DMM inside the loop (issue 14): N = 20 of 60 rounds, sized by the cost cap (docs/dmm-core.md,
+# "DMM between rounds")
 register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the loop)", 20,
                       section="ablation", ablation=("fedavg", 6)))
 register_row(loop_row("fedavg+dmm_round_head", "FedAvg + DMM every 20 rounds, head only "
