@@ -24,6 +24,12 @@ Rules (each a change of form, not of computation):
   folder's spec.json rows), so that its number stays shown under the name of what it
   measured; the old row's cells run again under the new default.
 
+- 2026-12 (issue "image + text transfer"): `inversion.text` added (how pseudo-pairs get their
+  text features). Image models have no text: every value computes what was computed before,
+  and the record takes the default (`drawn`). Records of image + text data sets computed free
+  text features under a default then resolved to the head-only refinement: they keep their
+  keys, and their cells run again.
+
     .venv/bin/python benchmarks/rekey_cells.py benchmarks/results/fmnist-paper [...]
 """
 
@@ -34,7 +40,7 @@ import copy
 import json
 from pathlib import Path
 
-from dmm.bench.spec import BenchSpec, digest
+from dmm.bench.spec import PAIR_DATASETS, BenchSpec, digest
 from dmm.io import write_text
 
 
@@ -43,6 +49,8 @@ def translate(settings: dict, rec: dict | None = None) -> dict:
     d = s.get("row_config", {}).get("dmm")
     if d is not None and "ce_weight" in d:
         d["distillation"]["ce_weight"] = d.pop("ce_weight")
+    if d is not None and s.get("train", {}).get("dataset") not in PAIR_DATASETS:
+        d["inversion"].setdefault("text", "drawn")
     if d is not None:
         d["distillation"].setdefault("hard_weight", 0.0)
         d["distillation"].setdefault("cache_teachers", False)

@@ -233,8 +233,11 @@ def test_damaged_cache_entry_is_one_line_naming_the_file_and_key(tmp_path):
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("folder", ["fmnist-paper", "fmnist-quick", "emoji-mm-paper",
-                                    "fmnist-transfer"])
+# emoji-mm-paper is not here: its DMM cells measured the first pair inversion (free text
+# features, the default resolved to the head-only refinement), which the current code no longer
+# computes, so they keep their old keys and run again (benchmarks/rekey_cells.py)
+@pytest.mark.parametrize("folder", ["fmnist-paper", "fmnist-quick", "fmnist-transfer",
+                                    "emoji-mm-transfer"])
 def test_committed_records_keep_their_cache_keys(folder):
     """A refactor of rows or configs must not silently orphan committed results: every record
     of a preset's grid is found under the key the current code computes for its cell."""

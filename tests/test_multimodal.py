@@ -58,7 +58,7 @@ def test_pair_inversion_matches_the_fused_statistics():
     with torch.no_grad():
         m(data.normalize(data.x_train[0]), data.x_train[1])
     m.eval()
-    cfg = InversionConfig(n_images=32, batch_size=32, iterations=40, compile=False)
+    cfg = InversionConfig(n_images=32, batch_size=32, iterations=40, compile=False, text="free")
     pseudo = synthesize_pairs(m, None, cfg, num_classes=4, input_shape=(3, 16, 16),
                               pixel_range=data.pixel_range)
     x, t = pseudo.images
@@ -69,6 +69,43 @@ def test_pair_inversion_matches_the_fused_statistics():
     lo, hi = data.pixel_range
     assert x.min() >= lo - 1e-6 and x.max() <= hi + 1e-6
     assert sorted(pseudo.labels.tolist()) == sorted([0, 1, 2, 3] * 8)   # class-balanced
+
+
+def test_drawn_text_features_have_each_sources_fused_statistics():
+    """Each client's share of the pairs carries text features drawn from that client's fused
+    BatchNorm1d statistics over the text dimensions: their per-dimension mean and variance
+    match the stored ones within sampling error, and the inversion does not move them."""
+    # Prepare: two clients with different (known) text statistics, one merged model
+    g = torch.Generator().manual_seed(5)
+    models, stats = [], []
+    for k in range(3):
+        m = mm_model(k).eval()
+        d = m.image_dim
+        mu, var = torch.randn(TEXT_DIM, generator=g) * 0.3, torch.rand(TEXT_DIM, generator=g) + .05
+        m.fusion_bn.running_mean[d:] = mu
+        m.fusion_bn.running_var[d:] = var
+        models.append(m)
+        stats.append((mu, var))
+    merged, teachers = models[0], models[1:]
+    n = 600
+    cfg = InversionConfig(n_images=n, batch_size=300, iterations=2, compile=False,
+                          mode="ensemble", merged_share=1 / 3, teacher_labels="histogram")
+    # Execute
+    pseudo = synthesize_pairs(merged, teachers, cfg, num_classes=4, input_shape=(3, 16, 16),
+                              label_counts=[[5, 0, 0, 1], [0, 3, 3, 0]])
+    # Assert: per source, mean within 5 standard errors, variance within 30%
+    x, t = pseudo.images
+    for source, (mu, var) in zip([-1, 0, 1], stats, strict=True):
+        own = t[pseudo.source == source]
+        assert len(own) == n // 3
+        se = (var / len(own)).sqrt()
+        assert ((own.mean(0) - mu).abs() < 5 * se).all()
+        assert ((own.var(0) / var - 1).abs() < 0.3).all()
+    # the teachers' targets come from their histograms; the merged model's are balanced
+    assert set(pseudo.labels[pseudo.source == 0].tolist()) <= {0, 3}
+    assert set(pseudo.labels[pseudo.source == 1].tolist()) <= {1, 2}
+    assert set(pseudo.labels[pseudo.source == -1].tolist()) == {0, 1, 2, 3}
+    assert {"ce", "accuracy"} <= set(pseudo.info["merged_pairs"])
 
 
 def test_multimodal_refine_runs_end_to_end():
@@ -83,16 +120,32 @@ def test_multimodal_refine_runs_end_to_end():
         t = mm_model()
         t.load_state_dict(s)
         teachers.append(t.eval())
-    cfg = preset("default")  # image + text: resolved to the head-only refinement
-    cfg.inversion = InversionConfig(n_images=16, batch_size=16, iterations=5, compile=False)
-    refined, rep = refine(glob, teachers, cfg, n_samples=res.n_samples,
+    counts = [[int((data.y_train[idx] == c).sum()) for c in range(4)] for idx in part]
+    # the head-only refinement: buffers pooled, the image encoder frozen
+    head = preset("head", inversion={"n_images": 16, "batch_size": 16, "iterations": 5,
+                                     "compile": False})
+    refined, rep = refine(glob, teachers, head, n_samples=res.n_samples,
                           input_shape=data.input_shape, pixel_range=data.pixel_range)
     assert isinstance(rep.pseudo.images, tuple) and rep.timings["distill_s"] > 0
-    assert "image + text" in rep.notes[0] and rep.config["inversion"]["n_images"] == 16
-    # buffers are the pooled statistics, the fused BN1d included; the image encoder is frozen
+    assert not rep.notes and rep.config["inversion"]["n_images"] == 16
     pooled = aggregate_bn_buffers(res.client_states, glob, into=state_of(glob))
     st = state_of(refined)
     assert torch.allclose(st["fusion_bn.running_var"], pooled["fusion_bn.running_var"])
     assert torch.equal(st["image.conv1.weight"], res.global_state["image.conv1.weight"])
+    # the default: each client's own pairs, the teacher check, then routed KD or the head
+    cfg = preset("default", inversion={"n_images": 24, "batch_size": 8, "iterations": 5,
+                                       "compile": False}, distillation={"steps": 5})
+    refined, rep = refine(glob, teachers, cfg, n_samples=res.n_samples, label_counts=counts,
+                          input_shape=data.input_shape, pixel_range=data.pixel_range)
+    check = rep.distillation["teacher_check"]
+    assert {"student_accuracy", "others_ensemble_accuracy"} <= set(check)
+    assert "merged_pairs" in rep.inversion
+    if check["transfer"]:  # whole-network routed KD on the clients' own pairs
+        assert sorted(set(rep.pseudo.source.tolist())) == [0, 1, 2]
+        assert rep.config["distillation"]["trainable"] == "all"
+        assert not torch.equal(state_of(refined)["image.conv1.weight"],
+                               res.global_state["image.conv1.weight"])
+    else:
+        assert "teacher check" in rep.notes[-1] and rep.teachers == []
     ev = evaluate(refined, data.x_test, data.y_test, data.normalize, num_classes=4)
     assert 0.0 <= ev.accuracy <= 1.0 and len(ev.per_class) == 4

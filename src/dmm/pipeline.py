@@ -240,7 +240,7 @@ def refine(
     check_finite([state_of(model), *t_states], ["student", *[f"teacher {i}" for i in
                                                               range(len(t_states))]])
     shape, num_classes = probe_classifier(model, input_shape)
-    cfg, notes = _resolve(cfg, model, label_counts)
+    cfg, notes = _resolve(cfg, label_counts)
     reused = pseudo is not None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -357,20 +357,13 @@ def head_fallback(cfg: DMMConfig) -> DMMConfig:
                    distillation=dist)
 
 
-def _resolve(cfg: DMMConfig, model: nn.Module, label_counts) -> tuple[DMMConfig, list[str]]:
-    """What `cfg` becomes for this model and these inputs (each change is a report note):
-    - no label histograms for `teacher_labels="histogram"`: each teacher's targets are its own
-      predictions on its inversions instead (the routed signal then estimates the histograms);
-    - an image + text model under the default (teacher-checked) configuration: the head-only
-      refinement on merged inversions (`head`), since pairs have no domain inversion yet."""
+def _resolve(cfg: DMMConfig, label_counts) -> tuple[DMMConfig, list[str]]:
+    """What `cfg` becomes for these inputs (each change is a report note): without label
+    histograms for `teacher_labels="histogram"`, each teacher's targets are its own
+    predictions on its inversions instead (the routed signal then estimates the histograms).
+    Image + text models run every configuration as images do, on pseudo-pairs
+    (`dmm.multimodal.synth`)."""
     notes = []
-    if getattr(model, "text_dim", None) and cfg.teacher_check:
-        notes.append("image + text model: no domain inversion of pairs, so the head-only "
-                     "refinement (preset 'head') runs")
-        inv = cfg.inversion.to_dict() if cfg.inversion.mode == "merged" else \
-            {"compile": cfg.inversion.compile}  # a merged-model inversion given is kept
-        return preset("head", seed=cfg.seed, buffer_weights=cfg.buffer_weights,
-                      inversion=inv), notes
     inv, note = inversion_for(cfg.inversion, label_counts)
     if note:
         notes.append(note)

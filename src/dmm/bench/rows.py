@@ -239,22 +239,32 @@ register_row(dmm_row("cat+dmm_head", "Cat-Merge + DMM, head only (preset head)",
                      section="ablation", ablation=("cat", 4)))
 # the transfer grid (issue 13): the plain average of the one-shot clients, refined
 register_row(Row("ensemble_routed", "Ensemble, label-count routed (reference)", "oneshot",
-                 _ensemble_routed, section="reference"))
+                 _ensemble_routed, section="reference", image_text=True))
 register_row(merge_row("average", "Average (weights by samples)", *ROW_MERGES["average"],
-                       section="reference", ablation=("average", 0)))
+                       section="reference", image_text=True, ablation=("average", 0)))
 register_row(dmm_row("average+dmm", "Average + DMM", "average", "default", section="reference",
-                     ablation=("average", 1)))
+                     image_text=True, ablation=("average", 1)))
 register_row(dmm_row("average+dmm_merged", "Average + DMM, merged-only inversion", "average",
                      "default", overrides={"inversion": {"mode": "merged"}},
-                     section="ablation", ablation=("average", 2)))
+                     section="ablation", image_text=True, ablation=("average", 2)))
 register_row(dmm_row("average+dmm_plain", "Average + DMM, plain softmax teachers", "average",
                      "default", overrides={"distillation": {"teacher_signal": "softmax"}},
-                     section="ablation", ablation=("average", 3)))
+                     section="ablation", image_text=True, ablation=("average", 3)))
 register_row(dmm_row("average+dmm_estimated", "Average + DMM, ownership estimated", "average",
-                     "default", histograms=False, section="ablation", ablation=("average", 4)))
+                     "default", histograms=False, section="ablation", image_text=True,
+                     ablation=("average", 4)))
 register_row(dmm_row("fedavg+dmm_transfer", "FedAvg + DMM without the teacher check "
                      "(preset transfer)", "fedavg", "transfer", section="ablation",
-                     ablation=("fedavg", 5)))
+                     image_text=True, ablation=("fedavg", 5)))
+# image + text only (issue 16): the text features of the pseudo-pairs optimized freely on the
+# unit sphere (the first pair inversion) instead of drawn from the fused statistics
+register_row(dmm_row("fedavg+dmm_free", "FedAvg + DMM, free text features", "fedavg", "default",
+                     overrides={"inversion": {"text": "free"}}, section="ablation",
+                     image_text=True, ablation=("fedavg", 8)))
+register_row(dmm_row("fedavg+dmm_head_free", "FedAvg + DMM, head only, free text features (the "
+                     "first pair inversion)", "fedavg", "head",
+                     overrides={"inversion": {"text": "free"}}, section="ablation",
+                     image_text=True, ablation=("fedavg", 9)))
 # DMM inside the loop (issue 14): N = 20 of 60 rounds, sized by the cost cap (docs/dmm-core.md,
 # "DMM between rounds")
 register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the loop)", 20,

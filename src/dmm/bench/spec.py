@@ -29,6 +29,8 @@ ONESHOT_TRANSFER = ["ensemble", "ensemble_routed", "average", "average+dmm", "de
 # Git Re-Basin needs a permutation spec of the model, PLeaS and CAT hook single-input conv/linear
 # layers, DENSE generates images only; none of them has an image + text form here.
 PAIR_DATASETS = ("emoji-mm", "crisismmd")
+# rows a preset adds for image + text data sets: the pair inversion's own ablations
+PAIR_ROWS = {"transfer": ["fedavg+dmm_free", "fedavg+dmm_head_free"]}
 
 
 @dataclass
@@ -230,7 +232,12 @@ def get_preset(name: str, **overrides) -> BenchSpec:
         if "arch" not in overrides:
             spec.arch = "image_text"
         if "rows" not in overrides:
-            spec.rows = [r for r in spec.rows if get_row(r).image_text]
+            extra = PAIR_ROWS.get(name, [])
+            spec.rows = [r for r in spec.rows if get_row(r).image_text] + extra
+            alphas = {r: a for r, a in spec.row_alphas.items() if r in spec.rows}
+            if "fedavg+dmm" in alphas:  # the extra rows at the alphas of the row they ablate
+                alphas.update({r: alphas["fedavg+dmm"] for r in extra})
+            spec.row_alphas = alphas
         if "k_values" not in overrides:
             spec.k_values = []
     return spec

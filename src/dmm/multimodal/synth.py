@@ -1,21 +1,40 @@
 """Pseudo image + text pairs from BatchNorm statistics (DMM's inversion for ImageTextNet).
 
-The variables are an image batch x and a text-feature batch t. The loss is the paper's Eq. 5 over
-every BN layer: the image encoder's BatchNorm2d layers see f(x) only, and the fusion
-BatchNorm1d sees concat(f_img(x), t), so its running mean and variance (pooled over the
-clients by buffer aggregation) are the target for the *text features* too; plus CE of the
-model's logits on the pair against a target class (which ties x and t to that class), total
-variation on x, and jitter and flip on x. After each step x is clamped to the pixel range and
-t is projected back onto the unit sphere (the encoder's sentence features are L2-normalized).
+A pair is an image batch x and a text-feature batch t. The fusion BatchNorm1d sees
+concat(f_img(x), t), so its running statistics over the text dimensions are the per-dimension
+mean and variance of the text features over the data the model was trained on: a client's own
+texts for a client model, the pooled texts for the merged model after buffer aggregation.
 
-What it can recover: per-dimension first and second moments of the text features (exactly
-what the fusion BN stores) and, through the linear head, the directions that separate the
-classes. What it cannot: sentences or tokens, and any correlation between text dimensions
-beyond what the head encodes (BN stores no covariance).
+Text features (`InversionConfig.text`):
+- `drawn` (default): t ~ N(mu, diag(var)), the source model's fused statistics over the text
+  dimensions, drawn once per pair and held fixed while x is optimized. The draws have exactly
+  the moments the clients' texts had, but no class structure of their own (BatchNorm stores no
+  covariance and nothing per class), so the pair's class lives in the image and the teacher's
+  response to the pair is what the refinement learns from.
+- `free` (the first pair inversion): t starts on the unit sphere and is optimized with x, then
+  projected back onto the sphere after each step (the encoder's sentence features are
+  L2-normalized). Measured on emoji-mm: the CE term pulls t onto the head's class directions,
+  so the merged model classifies its own pairs with certainty and refinement has nothing to
+  learn (docs/multimodal.md).
+
+The image x is optimized with the paper's Eq. 5 over every BN layer (the image encoder's
+BatchNorm2d layers and the fused layer), CE of the model's logits on the pair against the
+pair's target, total variation, jitter and flip, and clamped to the pixel range after each step.
+
+Sources follow `dmm.synth.inversion` (`plan`, `batch_targets`): mode `merged` inverts the merged
+model against its pooled statistics with class-balanced targets; mode `ensemble` inverts each
+client model against its own statistics (its domain: image BN layers and the text draws alike)
+with targets from its label histogram (`teacher_labels="histogram"`), balanced targets, or its
+own predictions. `compile` compiles each inverted model as for images (eager on failure).
+
+What it can recover: per-dimension first and second moments of each client's text features and,
+through the heads, the directions that separate the classes. What it cannot: sentences or
+tokens, and any correlation between text dimensions (BN stores no covariance).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -30,38 +49,69 @@ from dmm.synth.hooks import BNStatLoss, running_stats
 from dmm.synth.inversion import (
     InversionConfig,
     PseudoData,
-    balanced_labels,
+    batch_targets,
+    compile_once,
     frozen_eval,
     jitter_flip,
+    plan,
     total_variation,
 )
 
+log = logging.getLogger(__name__)
 
-def invert_pairs(model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...],
+
+def fused_text_stats(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running mean and variance of the fused BatchNorm1d over the text dimensions."""
+    bn = model.fusion_bn
+    d = model.image_dim
+    return bn.running_mean[d:].detach().float().cpu(), bn.running_var[d:].detach().float().cpu()
+
+
+def draw_text(model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n text features drawn from N(mu, diag(var)) of `model`'s fused text statistics."""
+    mean, var = fused_text_stats(model)
+    z = torch.randn((n, len(mean)), generator=generator)
+    return mean + z * var.clamp_min(0).sqrt()
+
+
+def invert_pairs(model: nn.Module, labels: torch.Tensor | None, shape: tuple[int, ...],
                  cfg: InversionConfig, *, generator: torch.Generator,
-                 pixel_range: tuple[float, float] | None = None, text_lr: float | None = None,
-                 unit_text: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                 pixel_range: tuple[float, float] | None = None,
+                 text: torch.Tensor | None = None, text_lr: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Optimize one batch of pairs against `model`'s own BN statistics. `text` given: the
+    text features, held fixed (`cfg.text="drawn"`); None: free unit-sphere features optimized
+    with the image. `labels=None` drops the CE term. Returns (x, t, info)."""
     dev = model_device(model)
-    b = len(labels)
-    labels = labels.to(dev)
-    x = torch.randn((b, *shape), generator=generator).to(dev).requires_grad_(True)
-    t0 = torch.randn((b, model.text_dim), generator=generator)
-    t = F.normalize(t0, dim=1).to(dev).requires_grad_(True)
-    # pixels are O(1) per entry, unit-norm text features O(1/sqrt(d)): scale the step alike
-    lr_t = text_lr if text_lr is not None else cfg.lr / math.sqrt(model.text_dim)
-    opt = torch.optim.Adam([{"params": [x], "lr": cfg.lr}, {"params": [t], "lr": lr_t}],
-                           betas=(0.5, 0.9))
+    b = shape[0]
+    labels = labels.to(dev) if labels is not None else None
+    x = torch.randn(shape, generator=generator).to(dev).requires_grad_(True)
+    groups = [{"params": [x], "lr": cfg.lr}]
+    free = text is None
+    if free:
+        t = F.normalize(torch.randn((b, model.text_dim), generator=generator), dim=1)
+        t = t.to(dev).requires_grad_(True)
+        # pixels are O(1) per entry, unit-norm text features O(1/sqrt(d)): scale the step alike
+        groups.append({"params": [t], "lr": text_lr if text_lr is not None
+                       else cfg.lr / math.sqrt(model.text_dim)})
+    else:
+        t = text.to(dev)
+    opt = torch.optim.Adam(groups, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=0.0)
     info: dict = {}
     with frozen_eval(model), BNStatLoss(model, running_stats(model)) as bn:
         for it in range(cfg.iterations):
             xj = jitter_flip(x, cfg, generator)
             with autocast(cfg.bf16, dev.type):
-                logits = model(xj, t)
+                logits = model(xj.contiguous(memory_format=torch.channels_last), t)
             bn_loss = bn.total(cfg.first_bn_multiplier)
-            ce = F.cross_entropy(logits.float(), labels)
-            loss = (cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
-                    + cfg.ce_weight * ce)
+            loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
+            ce = torch.zeros((), device=dev)
+            if labels is not None and cfg.ce_weight > 0:
+                ce = F.cross_entropy(logits.float(), labels)
+                loss = loss + cfg.ce_weight * ce
+            if cfg.l2_weight > 0:
+                loss = loss + cfg.l2_weight * x.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -69,7 +119,7 @@ def invert_pairs(model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...],
             with torch.no_grad():
                 if pixel_range is not None:
                     x.clamp_(*pixel_range)
-                if unit_text:
+                if free:
                     t.copy_(F.normalize(t, dim=1))
             if it == 0:
                 info["bn_initial"] = float(bn_loss.detach())
@@ -78,35 +128,74 @@ def invert_pairs(model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...],
     return x.detach().cpu(), t.detach().cpu(), info
 
 
+@torch.no_grad()
+def pair_confidence(model: nn.Module, images, labels: torch.Tensor, bf16: bool = True) -> dict:
+    """`model`'s CE and accuracy on pseudo-pairs against their labels: near-zero CE means the
+    pairs hold nothing the model does not already classify with certainty."""
+    was = model.training
+    model.eval()
+    dev = model_device(model)
+    try:
+        logits = []
+        for i in range(0, len(labels), 512):
+            with autocast(bf16, dev.type):
+                logits.append(model(images[0][i:i + 512].to(dev),
+                                    images[1][i:i + 512].to(dev)).float().cpu())
+    finally:
+        model.train(was)
+    z = torch.cat(logits)
+    return {"ce": float(F.cross_entropy(z, labels)),
+            "accuracy": float((z.argmax(1) == labels).float().mean())}
+
+
 def synthesize_pairs(merged: nn.Module, teachers: list[nn.Module] | None, cfg: InversionConfig,
                      *, num_classes: int, input_shape: tuple[int, int, int], seed: int = 0,
-                     pixel_range: tuple[float, float] | None = None,
+                     pixel_range: tuple[float, float] | None = None, label_counts=None,
                      progress: bool = False) -> PseudoData:
-    """`cfg.n_images` pseudo-pairs ((images, text features), labels) against `merged`'s BN
-    statistics. Same signature as `dmm.synth.synthesize`; only the `merged` mode exists."""
-    cfg.validate()
-    if cfg.mode != "merged":
-        raise DMMError("image + text inversion supports mode='merged' only")
+    """`cfg.n_images` pseudo-pairs ((images, text features), labels, source), the image + text
+    form of `dmm.synth.synthesize` (same arguments and sources). `info["merged_pairs"]` is the
+    merged model's CE and accuracy on the pairs before any refinement."""
     if not getattr(merged, "text_dim", None):
         raise DMMError("synthesize_pairs needs an image + text model (ImageTextNet)")
+    jobs = plan(cfg, merged, teachers, label_counts)
     g = torch.Generator().manual_seed(seed)
-    xs, ts, ys, infos = [], [], [], []
+    xs, ts, ys, srcs, infos = [], [], [], [], []
+    compiled: dict[int, nn.Module] = {}
     t0 = time.perf_counter()
-    starts = list(range(0, cfg.n_images, cfg.batch_size))
-    for start in tqdm(starts, desc="pair inversion", disable=not progress):
-        b = min(cfg.batch_size, cfg.n_images - start)
-        y = balanced_labels(b, num_classes, g)
-        x, t, info = invert_pairs(merged, y, input_shape, cfg, generator=g,
-                                  pixel_range=pixel_range)
-        xs.append(x)
-        ts.append(t)
-        ys.append(y)
-        infos.append({"source": -1, **info})
+    bar = tqdm(total=sum(math.ceil(n / cfg.batch_size) for _, _, n in jobs),
+               desc="pair inversion", disable=not progress)
+    for source, model, n in jobs:
+        for start in range(0, n, cfg.batch_size):
+            b = min(cfg.batch_size, n - start)
+            y, use_ce = batch_targets(cfg, source, b, num_classes, label_counts, g)
+            text = draw_text(model, b, g) if cfg.text == "drawn" else None
+            net = compile_once(model, compiled) if cfg.compile else model
+            args = (y if use_ce else None, (b, *input_shape), cfg)
+            kw = {"generator": g, "pixel_range": pixel_range, "text": text}
+            try:
+                x, t, info = invert_pairs(net, *args, **kw)
+            except Exception as e:  # noqa: BLE001 - compiler failures surface at first call
+                if net is model:
+                    raise
+                log.warning("compiled pair inversion failed (%s); falling back to eager", e)
+                compiled[id(model)] = model
+                x, t, info = invert_pairs(model, *args, **kw)
+            if not use_ce:
+                dev = model_device(model)
+                with torch.no_grad(), autocast(cfg.bf16, dev.type):
+                    y = model.eval()(x.to(dev), t.to(dev)).float().argmax(1).cpu()
+            xs.append(x)
+            ts.append(t)
+            ys.append(y)
+            srcs.append(torch.full((b,), source, dtype=torch.long))
+            infos.append({"source": source, **info})
+            bar.update(1)
+    bar.close()
     seconds = time.perf_counter() - t0
     labels = torch.cat(ys)
-    out = PseudoData((torch.cat(xs), torch.cat(ts)), labels,
-                     torch.full((len(labels),), -1, dtype=torch.long))
+    out = PseudoData((torch.cat(xs), torch.cat(ts)), labels, torch.cat(srcs))
     out.info = {"seconds": seconds, "images_per_second": len(labels) / seconds,
                 "image_iterations_per_second": len(labels) * cfg.iterations / seconds,
+                "merged_pairs": pair_confidence(merged, out.images, labels, cfg.bf16),
                 "batches": infos, "config": cfg.to_dict()}
     return out

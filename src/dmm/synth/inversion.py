@@ -44,6 +44,7 @@ from dmm.synth.hooks import BNStatLoss, Stats, running_stats
 log = logging.getLogger(__name__)
 MODES = ("merged", "ensemble")
 TEACHER_LABELS = ("prediction", "balanced", "histogram")
+TEXT_MODES = ("drawn", "free")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class InversionConfig:
     mode: str = "merged"           # merged | ensemble
     teacher_labels: str = "prediction"  # ensemble: prediction | balanced | histogram
     merged_share: float = 0.5      # ensemble: fraction of images inverted on the merged model
+    text: str = "drawn"            # image + text pairs only (dmm.multimodal.synth): the text
+    #                                features drawn from the source model's fused BatchNorm
+    #                                statistics and held fixed (drawn), or optimized freely on
+    #                                the unit sphere (free, the first pair inversion)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +94,9 @@ class InversionConfig:
                 raise DMMError(f"inversion {name} must be >= 1")
         if not 0 <= self.merged_share <= 1:
             raise DMMError("merged_share must be in [0, 1]")
+        if self.text not in TEXT_MODES:
+            raise DMMError(f"inversion text must be one of {', '.join(TEXT_MODES)}, got "
+                           f"{self.text!r}")
 
 
 @dataclass
@@ -245,7 +253,7 @@ def bn_matching_loss(model: nn.Module, x: torch.Tensor, targets: Stats | None = 
         model.train(was)
 
 
-def _compiled(model: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
+def compile_once(model: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
     """torch.compile once per model; eager if compilation is unavailable here."""
     if id(model) not in cache:
         try:
@@ -255,6 +263,40 @@ def _compiled(model: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
             log.warning("torch.compile unavailable (%s); inverting eagerly", e)
             cache[id(model)] = model
     return cache[id(model)]
+
+
+def plan(cfg: InversionConfig, merged: nn.Module, teachers: list[nn.Module] | None,
+         label_counts=None) -> list[tuple[int, nn.Module, int]]:
+    """What an inversion runs: (source, model, number of samples) per source, -1 the merged
+    model, k teacher k (`cfg.merged_share` of the samples on the merged model in `ensemble`
+    mode, the rest shared evenly by the teachers). Checks `cfg` and the histograms."""
+    cfg.validate()
+    if cfg.mode == "ensemble" and teachers and cfg.teacher_labels == "histogram":
+        if label_counts is None or len(label_counts) != len(teachers):
+            raise DMMError("teacher_labels='histogram' needs one label histogram per teacher "
+                           "(label_counts)")
+    if cfg.mode == "merged" or not teachers:
+        return [(-1, merged, cfg.n_images)]
+    jobs = []
+    n_merged = int(round(cfg.merged_share * cfg.n_images))
+    if n_merged:
+        jobs.append((-1, merged, n_merged))
+    rest = cfg.n_images - n_merged
+    per = [rest // len(teachers) + (1 if k < rest % len(teachers) else 0)
+           for k in range(len(teachers))]
+    jobs.extend((k, t, n) for k, (t, n) in enumerate(zip(teachers, per, strict=True)) if n)
+    return jobs
+
+
+def batch_targets(cfg: InversionConfig, source: int, b: int, num_classes: int, label_counts,
+                  generator: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """Targets of one batch of `source` and whether the CE term steers to them (False: the
+    source labels its inversions by its own argmax afterwards, `teacher_labels="prediction"`).
+    Histogram targets for a teacher where `teacher_labels="histogram"`, else class-balanced."""
+    use_ce = source == -1 or cfg.teacher_labels in ("balanced", "histogram")
+    if source >= 0 and cfg.teacher_labels == "histogram" and label_counts is not None:
+        return histogram_labels(b, label_counts[source], generator), use_ce
+    return balanced_labels(b, num_classes, generator), use_ce
 
 
 def synthesize(
@@ -273,24 +315,8 @@ def synthesize(
 
     `label_counts` (teachers x classes) are the teachers' training samples per class, which
     `teacher_labels="histogram"` draws each teacher's targets from."""
-    cfg.validate()
-    histogram = cfg.mode == "ensemble" and bool(teachers) and cfg.teacher_labels == "histogram"
-    if histogram:
-        if label_counts is None or len(label_counts) != len(teachers):
-            raise DMMError("teacher_labels='histogram' needs one label histogram per teacher "
-                           "(label_counts)")
+    jobs = plan(cfg, merged, teachers, label_counts)
     g = torch.Generator().manual_seed(seed)
-    jobs: list[tuple[int, nn.Module, int]] = []  # (source, model, n)
-    if cfg.mode == "merged" or not teachers:
-        jobs.append((-1, merged, cfg.n_images))
-    else:
-        n_merged = int(round(cfg.merged_share * cfg.n_images))
-        if n_merged:
-            jobs.append((-1, merged, n_merged))
-        rest = cfg.n_images - n_merged
-        per = [rest // len(teachers) + (1 if k < rest % len(teachers) else 0)
-               for k in range(len(teachers))]
-        jobs.extend((k, t, n) for k, (t, n) in enumerate(zip(teachers, per, strict=True)) if n)
     images, labels, sources, infos = [], [], [], []
     t0 = time.perf_counter()
     compiled: dict[int, nn.Module] = {}
@@ -299,12 +325,8 @@ def synthesize(
     for source, model, n in jobs:
         for start in range(0, n, cfg.batch_size):
             b = min(cfg.batch_size, n - start)
-            use_ce = source == -1 or cfg.teacher_labels in ("balanced", "histogram")
-            if source >= 0 and histogram:
-                y = histogram_labels(b, label_counts[source], g)
-            else:
-                y = balanced_labels(b, num_classes, g)
-            net = _compiled(model, compiled) if cfg.compile else model
+            y, use_ce = batch_targets(cfg, source, b, num_classes, label_counts, g)
+            net = compile_once(model, compiled) if cfg.compile else model
             target = y if use_ce else None
             try:
                 x, info = invert_batch(net, target, (b, *input_shape), cfg, generator=g,
