@@ -52,9 +52,9 @@ from dmm.synth.inversion import (
     batch_targets,
     compile_once,
     frozen_eval,
+    inversion_loss,
     jitter_flip,
     plan,
-    total_variation,
 )
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,7 @@ def invert_pairs(model: nn.Module, labels: torch.Tensor | None, shape: tuple[int
             with autocast(cfg.bf16, dev.type):
                 logits = model(xj.contiguous(memory_format=torch.channels_last), t)
             bn_loss = bn.total(cfg.first_bn_multiplier)
-            loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
-            ce = torch.zeros((), device=dev)
-            if labels is not None and cfg.ce_weight > 0:
-                ce = F.cross_entropy(logits.float(), labels)
-                loss = loss + cfg.ce_weight * ce
-            if cfg.l2_weight > 0:
-                loss = loss + cfg.l2_weight * x.pow(2).mean()
+            loss, ce = inversion_loss(cfg, bn_loss, x, logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

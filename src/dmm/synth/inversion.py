@@ -190,6 +190,22 @@ def jitter_flip(x: torch.Tensor, cfg: InversionConfig, generator: torch.Generato
     return x
 
 
+def inversion_loss(cfg: InversionConfig, bn_loss: torch.Tensor, x: torch.Tensor,
+                   logits: torch.Tensor, labels: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5's objective for one step: w_bn * the statistic term + w_tv * TV(x), + w_ce * CE
+    of the logits against `labels` (given, w_ce > 0) + w_l2 * mean x^2 (w_l2 > 0). Returns
+    (loss, ce), ce 0 where the CE term is off."""
+    loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
+    ce = torch.zeros((), device=x.device)
+    if labels is not None and cfg.ce_weight > 0:
+        ce = F.cross_entropy(logits.float(), labels)
+        loss = loss + cfg.ce_weight * ce
+    if cfg.l2_weight > 0:
+        loss = loss + cfg.l2_weight * x.pow(2).mean()
+    return loss, ce
+
+
 def invert_batch(
     model: nn.Module,
     labels: torch.Tensor | None,
@@ -218,13 +234,7 @@ def invert_batch(
             with autocast(cfg.bf16, dev.type):
                 logits = model(xj.contiguous(memory_format=torch.channels_last))
             bn_loss = bn.total(cfg.first_bn_multiplier)
-            loss = cfg.bn_weight * bn_loss + cfg.tv_weight * total_variation(x)
-            ce = torch.zeros((), device=dev)
-            if labels is not None and cfg.ce_weight > 0:
-                ce = F.cross_entropy(logits.float(), labels)
-                loss = loss + cfg.ce_weight * ce
-            if cfg.l2_weight > 0:
-                loss = loss + cfg.l2_weight * x.pow(2).mean()
+            loss, ce = inversion_loss(cfg, bn_loss, x, logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
