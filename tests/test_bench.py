@@ -262,10 +262,18 @@ def test_committed_records_keep_their_cache_keys(folder):
 def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
     from dmm.bench import ROWS, Row, get_row, register_row
     from dmm.bench.registry import ablation_rows, rows_in
-    from dmm.bench.spec import ABLATIONS, FEDERATED_TRANSFER, ONESHOT_TRANSFER, REFERENCES, TABLE1
+    from dmm.bench.spec import (
+        ABLATIONS,
+        FEDERATED_TRANSFER,
+        ONESHOT_TRANSFER,
+        PAIR_ROWS,
+        REFERENCES,
+        TABLE1,
+    )
 
     # Assert: the presets' names are registered, the sections partition them
-    presets = set(TABLE1 + REFERENCES + ABLATIONS + FEDERATED_TRANSFER + ONESHOT_TRANSFER)
+    presets = set(TABLE1 + REFERENCES + ABLATIONS + FEDERATED_TRANSFER + ONESHOT_TRANSFER
+                  + [r for rows in PAIR_ROWS.values() for r in rows])
     assert presets == set(ROWS)
     assert rows_in("reference")[:len(REFERENCES)] == REFERENCES
     assert set(ABLATIONS) <= set(rows_in("ablation"))
