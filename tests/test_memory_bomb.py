@@ -20,9 +20,12 @@ from dmm.errors import DMMError
 META = {"arch": "resnet18", "arch_kwargs": {"width": 0.25, "num_classes": 4, "in_channels": 1},
         "input_mean": [0.3], "input_std": [0.3], "input_size": [1, 16, 16], "n_samples": 10}
 PEAK_LIMIT_KB = 1024 * 1024  # 1 GiB
-RUNNER = ("import os, resource, sys\nfrom dmm.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
-          "finally:\n    open(os.environ['PEAK_FILE'], 'w').write(str(resource.getrusage("
-          "resource.RUSAGE_SELF).ru_maxrss))\nsys.exit(rc)")
+# The child's own high-water mark: VmHWM belongs to the address space the exec created. Not
+# ru_maxrss, which Linux carries across exec from the forking parent, so that inside a long
+# pytest run it reported pytest's peak (1,046 MiB) rather than the command's (288 MiB).
+RUNNER = ("import os, sys\nfrom dmm.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+          "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+          "    open(os.environ['PEAK_FILE'], 'w').write(hwm[0].split()[1])\nsys.exit(rc)")
 
 
 @pytest.fixture(scope="module")
