@@ -49,8 +49,9 @@ from dmm.synth.hooks import BNStatLoss, running_stats
 from dmm.synth.inversion import (
     InversionConfig,
     PseudoData,
+    argmax_labels,
     batch_targets,
-    compile_once,
+    call_compiled,
     frozen_eval,
     inversion_loss,
     jitter_flip,
@@ -163,21 +164,12 @@ def synthesize_pairs(merged: nn.Module, teachers: list[nn.Module] | None, cfg: I
             b = min(cfg.batch_size, n - start)
             y, use_ce = batch_targets(cfg, source, b, num_classes, label_counts, g)
             text = draw_text(model, b, g) if cfg.text == "drawn" else None
-            net = compile_once(model, compiled) if cfg.compile else model
-            args = (y if use_ce else None, (b, *input_shape), cfg)
-            kw = {"generator": g, "pixel_range": pixel_range, "text": text}
-            try:
-                x, t, info = invert_pairs(net, *args, **kw)
-            except Exception as e:  # noqa: BLE001 - compiler failures surface at first call
-                if net is model:
-                    raise
-                log.warning("compiled pair inversion failed (%s); falling back to eager", e)
-                compiled[id(model)] = model
-                x, t, info = invert_pairs(model, *args, **kw)
+            x, t, info = call_compiled(invert_pairs, model, compiled, cfg.compile,
+                                       y if use_ce else None, (b, *input_shape), cfg,
+                                       what="pair inversion", generator=g,
+                                       pixel_range=pixel_range, text=text)
             if not use_ce:
-                dev = model_device(model)
-                with torch.no_grad(), autocast(cfg.bf16, dev.type):
-                    y = model.eval()(x.to(dev), t.to(dev)).float().argmax(1).cpu()
+                y = argmax_labels(model, (x, t), cfg.bf16)
             xs.append(x)
             ts.append(t)
             ys.append(y)

@@ -275,6 +275,29 @@ def compile_once(model: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
     return cache[id(model)]
 
 
+def call_compiled(fn, model: nn.Module, compiled: dict[int, nn.Module], use_compile: bool,
+                  *args, what: str = "inversion", **kw):
+    """`fn(net, *args, **kw)` on the compiled form of `model` (`compile_once`) where
+    `use_compile`; a compiler failure, which surfaces at the first call, is logged and the
+    model runs eagerly from then on."""
+    net = compile_once(model, compiled) if use_compile else model
+    try:
+        return fn(net, *args, **kw)
+    except Exception as e:  # noqa: BLE001 - compiler failures surface at first call
+        if net is model:
+            raise
+        log.warning("compiled %s failed (%s); falling back to eager", what, e)
+        compiled[id(model)] = model
+        return fn(model, *args, **kw)
+
+
+def argmax_labels(model: nn.Module, inputs: tuple, bf16: bool) -> torch.Tensor:
+    """The labels `model` gives its own inversions (`teacher_labels="prediction"`)."""
+    dev = model_device(model)
+    with torch.no_grad(), autocast(bf16, dev.type):
+        return model.eval()(*(x.to(dev) for x in inputs)).float().argmax(1).cpu()
+
+
 def plan(cfg: InversionConfig, merged: nn.Module, teachers: list[nn.Module] | None,
          label_counts=None) -> list[tuple[int, nn.Module, int]]:
     """What an inversion runs: (source, model, number of samples) per source, -1 the merged
@@ -336,22 +359,11 @@ def synthesize(
         for start in range(0, n, cfg.batch_size):
             b = min(cfg.batch_size, n - start)
             y, use_ce = batch_targets(cfg, source, b, num_classes, label_counts, g)
-            net = compile_once(model, compiled) if cfg.compile else model
-            target = y if use_ce else None
-            try:
-                x, info = invert_batch(net, target, (b, *input_shape), cfg, generator=g,
-                                       pixel_range=pixel_range)
-            except Exception as e:  # noqa: BLE001 - compiler failures surface at first call
-                if net is model:
-                    raise
-                log.warning("compiled inversion failed (%s); falling back to eager", e)
-                compiled[id(model)] = model
-                x, info = invert_batch(model, target, (b, *input_shape), cfg, generator=g,
-                                       pixel_range=pixel_range)
+            x, info = call_compiled(invert_batch, model, compiled, cfg.compile,
+                                    y if use_ce else None, (b, *input_shape), cfg,
+                                    generator=g, pixel_range=pixel_range)
             if not use_ce:
-                dev = model_device(model)
-                with torch.no_grad(), autocast(cfg.bf16, dev.type):
-                    y = model.eval()(x.to(dev)).float().argmax(1).cpu()
+                y = argmax_labels(model, (x,), cfg.bf16)
             images.append(x)
             labels.append(y)
             sources.append(torch.full((b,), source, dtype=torch.long))
