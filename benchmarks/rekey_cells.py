@@ -30,6 +30,12 @@ Rules (each a change of form, not of computation):
   text features under a default then resolved to the head-only refinement: they keep their
   keys, and their cells run again.
 
+- 2026-12 (issue "image + text transfer", the check): `DMMConfig.check_pairs` added (whether
+  the teacher check judges image + text models). Where the check is off, or on image data
+  sets, every value computes the same (false). An image + text record with the check on ran
+  it (true): a `fedavg+dmm` record of one moves to the row `fedavg+dmm_checked`, whose
+  settings are exactly its own, and the default's cell runs again.
+
     .venv/bin/python benchmarks/rekey_cells.py benchmarks/results/fmnist-paper [...]
 """
 
@@ -51,6 +57,9 @@ def translate(settings: dict, rec: dict | None = None) -> dict:
         d["distillation"]["ce_weight"] = d.pop("ce_weight")
     if d is not None and s.get("train", {}).get("dataset") not in PAIR_DATASETS:
         d["inversion"].setdefault("text", "drawn")
+    if d is not None and "check_pairs" not in d:
+        pairs = s.get("train", {}).get("dataset") in PAIR_DATASETS
+        d["check_pairs"] = bool(pairs and d.get("teacher_check"))
     if d is not None:
         d["distillation"].setdefault("hard_weight", 0.0)
         d["distillation"].setdefault("cache_teachers", False)
@@ -66,11 +75,13 @@ def translate(settings: dict, rec: dict | None = None) -> dict:
 
 
 RENAMED = {"fedavg+dmm": "fedavg+dmm_head", "cat+dmm": "cat+dmm_head"}
+PAIR_RENAMED = {"fedavg+dmm": "fedavg+dmm_checked"}  # image + text data sets
 
 
 def renamed(rec: dict) -> tuple[str, dict] | None:
     """(new row, translated settings) for a record of a row that moved, else None."""
-    new = RENAMED.get(rec["row"])
+    pairs = rec["settings"].get("train", {}).get("dataset") in PAIR_DATASETS
+    new = (PAIR_RENAMED if pairs else RENAMED).get(rec["row"])
     if new is None:
         return None
     s = translate(rec["settings"], rec)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from conftest import make_dataset
@@ -132,10 +134,19 @@ def test_multimodal_refine_runs_end_to_end():
     st = state_of(refined)
     assert torch.allclose(st["fusion_bn.running_var"], pooled["fusion_bn.running_var"])
     assert torch.equal(st["image.conv1.weight"], res.global_state["image.conv1.weight"])
-    # the default: each client's own pairs, the teacher check, then routed KD or the head
+    # the default: each client's own pairs, no teacher check for pairs, routed KD
     cfg = preset("default", inversion={"n_images": 24, "batch_size": 8, "iterations": 5,
                                        "compile": False}, distillation={"steps": 5})
     refined, rep = refine(glob, teachers, cfg, n_samples=res.n_samples, label_counts=counts,
+                          input_shape=data.input_shape, pixel_range=data.pixel_range)
+    assert "teacher_check" not in rep.distillation and "check_pairs false" in rep.notes[0]
+    assert sorted(set(rep.pseudo.source.tolist())) == [0, 1, 2] and rep.teachers
+    assert rep.config["distillation"]["trainable"] == "all" and "merged_pairs" in rep.inversion
+    assert not torch.equal(state_of(refined)["image.conv1.weight"],
+                           res.global_state["image.conv1.weight"])
+    # check_pairs: the check judges the pairs, then routed KD or the head
+    refined, rep = refine(glob, teachers, replace(cfg, check_pairs=True),
+                          n_samples=res.n_samples, label_counts=counts,
                           input_shape=data.input_shape, pixel_range=data.pixel_range)
     check = rep.distillation["teacher_check"]
     assert {"student_accuracy", "others_ensemble_accuracy"} <= set(check)

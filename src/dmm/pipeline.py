@@ -61,6 +61,10 @@ class DMMConfig:
     #                                     head-only refinement (`head_fallback`) runs instead
     check_images: int | None = None     # None: the check judges the pool itself; N: a probe
     #                                     of N pseudo-samples inverted like the pool
+    check_pairs: bool = False           # the check also judges image + text models; off, they
+    #                                     always take the transfer: on emoji-mm at alpha 0.01
+    #                                     the check chose the head on every seed, where the
+    #                                     transfer gained 11 points (docs/multimodal.md)
     inversion: InversionConfig = field(default_factory=lambda: InversionConfig(compile=True))
     distillation: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
@@ -120,7 +124,8 @@ def preset(name: str, **overrides) -> DMMConfig:
       teachers know what the student does not (`dmm.distill.teacher_check`); if they do,
       class-routed KD into the whole network, if not, the head-only CE refinement on the same
       pool. Uses the clients' `label_counts` where the checkpoints carry them, estimates them
-      otherwise.
+      otherwise. Image + text models skip the check (`check_pairs=False`) and always take the
+      transfer: on pairs the check chose the head where the transfer measured better.
     - `transfer`: the same without the check (always the whole-network routed KD).
     - `head`: the head-only CE refinement on pseudo-data inverted from the merged model
       (`DMMConfig()`, the default before issue 13).
@@ -260,11 +265,17 @@ def refine(
     log.info("divergent teachers: %s", selected)
 
     synth = synthesize
-    if getattr(model, "text_dim", None):  # image + text: pseudo-pairs (dmm.multimodal)
+    pairs = bool(getattr(model, "text_dim", None))
+    if pairs:  # image + text: pseudo-pairs (dmm.multimodal)
         from dmm.multimodal.synth import synthesize_pairs as synth
     extra = {"label_counts": label_counts} if label_counts is not None else {}
     checked_pool_s = 0.0  # a reused pool the check judged on, when the head then ran
-    if cfg.teacher_check and cfg.distill and selected and cfg.distillation.kd_weight > 0:
+    checking = cfg.teacher_check and cfg.distill and selected and cfg.distillation.kd_weight > 0
+    if checking and pairs and not cfg.check_pairs:
+        checking = False
+        notes.append("teacher check: not run for an image + text model (check_pairs false); "
+                     "the routed transfer runs")
+    if checking:
         # do the teachers know what the student does not? judged on the pool itself
         # (check_images None) or on a probe inverted like it (its own seed)
         if cfg.check_images is None:

@@ -265,6 +265,9 @@ register_row(dmm_row("fedavg+dmm_head_free", "FedAvg + DMM, head only, free text
                      "first pair inversion)", "fedavg", "head",
                      overrides={"inversion": {"text": "free"}}, section="ablation",
                      image_text=True, ablation=("fedavg", 9)))
+register_row(dmm_row("fedavg+dmm_checked", "FedAvg + DMM with the teacher check on pairs "
+                     "(check_pairs)", "fedavg", "default", overrides={"check_pairs": True},
+                     section="ablation", image_text=True, ablation=("fedavg", 10)))
 # DMM inside the loop (issue 14): N = 20 of 60 rounds, sized by the cost cap (docs/dmm-core.md,
 # "DMM between rounds")
 register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the loop)", 20,

@@ -30,7 +30,7 @@ ONESHOT_TRANSFER = ["ensemble", "ensemble_routed", "average", "average+dmm", "de
 # layers, DENSE generates images only; none of them has an image + text form here.
 PAIR_DATASETS = ("emoji-mm", "crisismmd")
 # rows a preset adds for image + text data sets: the pair inversion's own ablations
-PAIR_ROWS = {"transfer": ["fedavg+dmm_free", "fedavg+dmm_head_free"]}
+PAIR_ROWS = {"transfer": ["fedavg+dmm_free", "fedavg+dmm_head_free", "fedavg+dmm_checked"]}
 
 
 @dataclass
