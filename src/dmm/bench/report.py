@@ -26,11 +26,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
 
 
-def fmt_pct(values: list[float]) -> str:
+def fmt_pct(values: list[float], of: int | None = None) -> str:
+    """Mean ± sample std in %; `of` the seeds the table covers: a cell with fewer says so."""
     if not values:
         return "–"
     m, s = mean_std(values)
-    return f"{100 * m:.2f} ± {100 * s:.2f}" if len(values) > 1 else f"{100 * m:.2f}"
+    text = f"{100 * m:.2f} ± {100 * s:.2f}" if len(values) > 1 else f"{100 * m:.2f}"
+    return text + (f" ({len(values)} of {of} seeds)" if of and len(values) < of else "")
 
 
 def collect(records: list[dict], field: str = "accuracy") -> dict[tuple, list[float]]:
@@ -46,11 +48,12 @@ def collect(records: list[dict], field: str = "accuracy") -> dict[tuple, list[fl
 def _table(records: list[dict], rows: list[str], alphas: list[float], k: int,
            field: str = "accuracy") -> list[str]:
     acc = collect(records, field)
+    n = len(seeds_of(records))
     present = [r for r in rows if any((r, a, k) in acc for a in alphas)]
     lines = ["| method | " + " | ".join(f"α = {a}" for a in alphas) + " |",
              "|---|" + "---|" * len(alphas)]
     for r in present:
-        lines.append(f"| {ROWS[r].pretty_name} | " + " | ".join(fmt_pct(acc.get((r, a, k), []))
+        lines.append(f"| {ROWS[r].pretty_name} | " + " | ".join(fmt_pct(acc.get((r, a, k), []), n)
                                                        for a in alphas) + " |")
     return lines if present else []
 
@@ -75,7 +78,8 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
     if any(ROWS[r["row"]].section == "ablation" for r in records):
         out += ["", "**Ablations** (+ DMM = the default preset: the clients' own-statistics "
                     "inversion, then routed KD into the whole network where the teacher check "
-                    "finds shared knowledge, else the head-only refinement; head only = preset "
+                    "finds shared knowledge, else the head-only refinement (image + text: no "
+                    "check, `check_pairs`); head only = preset "
                     "`head`, the default before issue 13; full DMM = the paper preset, with "
                     "selective KD)", ""] + abl
     rare = _table(records, main, alphas, spec.clients, "rare_class_accuracy")
