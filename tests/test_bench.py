@@ -109,9 +109,10 @@ def test_table_mean_and_sample_std_from_known_rows():
              for s, (a, r) in enumerate([(0.5, 0.25), (0.7, 0.75)])]
     recs += [_rec("fedavg", 0.01, 0, 0.125)]
     md = render_markdown(recs, BenchSpec())
-    assert "| FedAvg | 20.00 ± 10.00 | 12.50 |" in md     # alphas descending: 0.1 then 0.01
-    assert "| FedAvg + DMM | 60.00 ± 14.14 | – |" in md
-    assert "| FedAvg + DMM | 50.00 ± 35.36 | – |" in md   # rare-class table
+    # alphas descending: 0.1 then 0.01; a cell over fewer seeds than the table says how many
+    assert "| FedAvg | 20.00 ± 10.00 | 12.50 (1 of 3 seeds) |" in md
+    assert "| FedAvg + DMM | 60.00 ± 14.14 (2 of 3 seeds) | – |" in md
+    assert "| FedAvg + DMM | 50.00 ± 35.36 (2 of 3 seeds) | – |" in md   # rare-class table
     assert mean_std([1.0]) == (1.0, 0.0)
     csv = render_csv(recs).splitlines()
     assert csv[0].startswith("dataset,alpha,k,seed,row") and len(csv) == 1 + len(recs)
