@@ -53,12 +53,12 @@ from dmm.io import write_text
 def translate(settings: dict, rec: dict | None = None) -> dict:
     s = copy.deepcopy(settings)
     d = s.get("row_config", {}).get("dmm")
+    pairs = s.get("train", {}).get("dataset") in PAIR_DATASETS
     if d is not None and "ce_weight" in d:
         d["distillation"]["ce_weight"] = d.pop("ce_weight")
-    if d is not None and s.get("train", {}).get("dataset") not in PAIR_DATASETS:
+    if d is not None and not pairs:
         d["inversion"].setdefault("text", "drawn")
     if d is not None and "check_pairs" not in d:
-        pairs = s.get("train", {}).get("dataset") in PAIR_DATASETS
         d["check_pairs"] = bool(pairs and d.get("teacher_check"))
     if d is not None:
         d["distillation"].setdefault("hard_weight", 0.0)

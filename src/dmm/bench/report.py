@@ -46,9 +46,9 @@ def collect(records: list[dict], field: str = "accuracy") -> dict[tuple, list[fl
 
 
 def _table(records: list[dict], rows: list[str], alphas: list[float], k: int,
-           field: str = "accuracy") -> list[str]:
+           field: str = "accuracy", n: int | None = None) -> list[str]:
+    """One markdown table; `n` the seeds it covers (cells over fewer say so)."""
     acc = collect(records, field)
-    n = len(seeds_of(records))
     present = [r for r in rows if any((r, a, k) in acc for a in alphas)]
     lines = ["| method | " + " | ".join(f"α = {a}" for a in alphas) + " |",
              "|---|" + "---|" * len(alphas)]
@@ -73,8 +73,8 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
            f"{spec.batch_size}.", ""]
     out += ["**Table 1 rows and references**", ""]
     main = rows_in("table1", "reference")
-    out += _table(records, main, alphas, spec.clients)
-    abl = _table(records, ablation_rows(), alphas, spec.clients)
+    out += _table(records, main, alphas, spec.clients, n=len(seeds))
+    abl = _table(records, ablation_rows(), alphas, spec.clients, n=len(seeds))
     if any(ROWS[r["row"]].section == "ablation" for r in records):
         out += ["", "**Ablations** (+ DMM = the default preset: the clients' own-statistics "
                     "inversion, then routed KD into the whole network where the teacher check "
@@ -82,7 +82,7 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
                     "check, `check_pairs`); head only = preset "
                     "`head`, the default before issue 13; full DMM = the paper preset, with "
                     "selective KD)", ""] + abl
-    rare = _table(records, main, alphas, spec.clients, "rare_class_accuracy")
+    rare = _table(records, main, alphas, spec.clients, "rare_class_accuracy", len(seeds))
     if rare:
         out += ["", "**Rare-class accuracy** (classes with >= 90% of their samples on one "
                     "client; – where no class is rare)", ""] + rare
@@ -96,7 +96,7 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
                     "|---|" + "---|" * len(ks)]
             for r in spec.k_rows:
                 out.append(f"| {ROWS[r].pretty_name} | " + " | ".join(
-                    fmt_pct(acc.get((r, a, k), [])) for k in ks) + " |")
+                    fmt_pct(acc.get((r, a, k), []), len(seeds)) for k in ks) + " |")
     out += ["", "**Wall time** (s, mean over cells; training is shared by the rows that "
                 "consume the same models)", "",
             "| method | training it consumes | own work (merge / refine / distill) |",
