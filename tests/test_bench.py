@@ -260,6 +260,46 @@ def test_committed_records_keep_their_cache_keys(folder):
             json.dumps(spec.cell_settings(c), default=str))
 
 
+def test_supersede_moves_one_group_whole_and_keeps_the_rest(tmp_path):
+    """benchmarks/supersede_cells.py: every record of the (alpha, seed) group leaves cells.jsonl
+    for superseded.jsonl with its reason, the other groups stay as they were, and bad input is
+    one line with status 2 that writes nothing."""
+    # Prepare
+    script = RESULTS.parent / "supersede_cells.py"
+    recs = [{"alpha": a, "seed": s, "k": 10, "row": r, "key": f"{a}-{s}-{r}"}
+            for a in (0.1, 0.01) for s in (0, 1) for r in ("fedavg", "fedavg+dmm")]
+    cells = tmp_path / "cells.jsonl"
+    cells.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+    (tmp_path / "superseded.jsonl").write_text(json.dumps({"row": "old"}) + "\n")
+    before = cells.read_text()
+    env = {**os.environ, "PYTHONPATH": str(RESULTS.parents[1] / "src")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), str(tmp_path), *args],
+                              capture_output=True, text=True, env=env)
+
+    # Execute: bad input first
+    bad = run("--alpha", "0.01", "--seed", "0", "--reason", " ")
+    # Assert
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "--reason" in bad.stderr and cells.read_text() == before
+    # Execute
+    r = run("--alpha", "0.01", "--seed", "0", "--reason", "retrained elsewhere")
+    # Assert
+    assert r.returncode == 0, r.stderr
+    kept = [json.loads(x) for x in cells.read_text().splitlines()]
+    gone = [json.loads(x) for x in (tmp_path / "superseded.jsonl").read_text().splitlines()]
+    assert kept == [x for x in recs if (x["alpha"], x["seed"]) != (0.01, 0)]
+    assert gone[0] == {"row": "old"}
+    assert [{k: v for k, v in g.items() if k != "superseded"} for g in gone[1:]] == \
+        [x for x in recs if (x["alpha"], x["seed"]) == (0.01, 0)]
+    assert {g["superseded"] for g in gone[1:]} == {"retrained elsewhere"}
+    # a second run finds nothing to move and changes nothing
+    after = cells.read_text()
+    assert run("--alpha", "0.01", "--seed", "0", "--reason", "x").returncode == 0
+    assert cells.read_text() == after
+
+
 def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
     from dmm.bench import ROWS, Row, get_row, register_row
     from dmm.bench.registry import ablation_rows, rows_in
