@@ -59,6 +59,44 @@ def test_oracle_cells_differ_per_split_but_share_the_model():
     assert len(BenchSpec(alphas=[0.1, 0.1], seeds=[0, 0], rows=["fedavg"]).cells()) == 1
 
 
+def test_the_oracle_budget_is_part_of_its_cache_key():
+    """The converged oracle is keyed by its epochs, not by FedAvg's rounds; the reference at
+    FedAvg's compute the other way round; neither depends on the split."""
+    spec = BenchSpec()
+    oracle, central = Cell(0.1, 10, 0, "oracle"), Cell(0.1, 10, 0, "central")
+    more = replace(spec, oracle_epochs=spec.oracle_epochs + 1)
+    assert more.cell_key(oracle) != spec.cell_key(oracle)
+    assert more.cell_key(central) == spec.cell_key(central)
+    assert more.cell_key(Cell(0.1, 10, 0, "fedavg")) == spec.cell_key(Cell(0.1, 10, 0, "fedavg"))
+    longer = replace(spec, rounds=spec.rounds + 1)
+    assert longer.cell_key(oracle) == spec.cell_key(oracle)
+    assert longer.cell_key(central) != spec.cell_key(central)
+    settings = spec.train_settings("oracle", 0.1, 10, 0)
+    assert settings["epochs"] == spec.oracle_epochs and "rounds" not in settings
+    assert settings == spec.train_settings("oracle", 0.5, 5, 0)
+    with pytest.raises(DMMError, match="oracle_epochs must be >= 1"):
+        BenchSpec(oracle_epochs=0).validate()
+
+
+def test_the_oracle_trains_for_its_epochs_end_to_end(tmp_path):
+    # Prepare
+    data = write_npz(tmp_path / "tiny.npz")
+    out, cache = tmp_path / "res", tmp_path / "cache"
+    # Execute
+    r = run_cli("bench", *TINY, "--data-root", data, "--out", out, "--cache-dir", cache,
+                "--rows", "oracle", "central", "--set", "oracle_epochs=2", cwd=tmp_path)
+    # Assert: two models, the oracle's cache entry says its budget, the table labels both
+    assert r.returncode == 0, r.stderr
+    metas = {p.name.split("_")[0]: json.loads((p / "meta.json").read_text())["settings"]
+             for p in (cache / "npz").iterdir()}
+    assert sorted(metas) == ["central", "oracle"]
+    assert metas["oracle"]["epochs"] == 2 and "epochs" not in metas["central"]
+    table = (out / "table.md").read_text()
+    assert "| Centralized, all data, converged (oracle) |" in table
+    assert "| Centralized at 1/K of FedAvg's compute" in table
+    assert "The oracle: 2 epochs over all client data" in table
+
+
 def test_cell_key_ignores_the_rest_of_the_grid():
     spec = BenchSpec()
     cell = Cell(0.1, 10, 0, "cat+dmm")

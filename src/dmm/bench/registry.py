@@ -14,7 +14,7 @@ from typing import Any
 
 from dmm.errors import DMMError
 
-REGIMES = ("fedavg", "fedprox", "fedbn", "oneshot", "central")
+REGIMES = ("fedavg", "fedprox", "fedbn", "oneshot", "central", "oracle")
 SECTIONS = ("table1", "reference", "ablation")
 
 

@@ -70,7 +70,9 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
     out = [f"Test accuracy (%) on {spec.dataset}, {spec.arch} width {spec.width}, "
            f"K = {spec.clients} clients, Dirichlet α, mean ± sample std over seeds {seeds}; "
            f"{spec.rounds} rounds x {spec.local_iters} local iterations, batch "
-           f"{spec.batch_size}.", ""]
+           f"{spec.batch_size}." + (f" The oracle: {spec.oracle_epochs} epochs over all "
+                                    f"client data, batch {spec.batch_size}."
+                                    if any(r["row"] == "oracle" for r in records) else ""), ""]
     out += ["**Table 1 rows and references**", ""]
     main = rows_in("table1", "reference")
     out += _table(records, main, alphas, spec.clients, n=len(seeds))

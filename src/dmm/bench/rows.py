@@ -15,8 +15,9 @@ merging methods, the ensemble and DENSE; a centrally trained model (the oracle).
 - DMM rows get the clients' label histograms (the split's counts, as `dmm train` writes them)
   unless a row withholds them (`histograms=False`: ownership estimated).
 - The ensemble averages the clients' softmax outputs (each client with its own BN).
-- The oracle trains one model on the union of the client data for rounds x local iterations
-  steps (1/K of FedAvg's compute).
+- The oracle trains one model on the union of the client data to convergence (`oracle_epochs`
+  passes, 5 by default; constant lr, the clients' optimizer); "central" is the same network at
+  rounds x local iterations steps (1/K of FedAvg's compute), labelled so.
 The group a builder receives is `dmm.bench.runner.Group` (trained regimes, shared merges and
 pseudo-data of one (alpha, K, seed)).
 """
@@ -220,8 +221,10 @@ register_row(merge_row("cat", "Cat-Merge", *ROW_MERGES["cat"], ablation=("cat", 
 register_row(dmm_row("cat+dmm", "Cat-Merge + DMM", "cat", "default", ablation=("cat", 2)))
 register_row(Row("ensemble", "Ensemble of client models (reference)", "oneshot", _ensemble,
                  section="reference", image_text=True))
-register_row(global_row("central", "Centralized, all data (oracle)", "central",
+register_row(global_row("oracle", "Centralized, all data, converged (oracle)", "oracle",
                         section="reference", image_text=True))
+register_row(global_row("central", "Centralized at 1/K of FedAvg's compute (rounds x local "
+                        "iterations steps)", "central", section="reference", image_text=True))
 register_row(Row("dense", "DENSE (one-shot distillation)", "oneshot", _dense,
                  lambda spec, seed: {"dense": dense_config(spec).to_dict(), "seed": seed},
                  section="reference"))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dmm import checkpoint
 from dmm.bench.registry import get_row
-from dmm.bench.spec import BenchSpec, Cell, digest
+from dmm.bench.spec import CENTRAL, BenchSpec, Cell, digest
 from dmm.bench.store import ResultStore
 from dmm.data import PartitionConfig, load_dataset
 from dmm.data.base import ImageDataset
@@ -150,11 +150,14 @@ class Group:
         spec = self.spec
         tc = self._train_config(regime)
         t0 = time.perf_counter()
-        if regime == "central":
+        if regime in CENTRAL:
             torch.manual_seed(self.seed)
             model = self.new_model()
             init = state_of(model)
-            tc.local_iters = spec.rounds * spec.local_iters
+            if regime == "oracle":  # to convergence: epochs over all client data
+                tc.local_iters, tc.local_epochs = None, spec.oracle_epochs
+            else:                   # at 1/K of FedAvg's compute
+                tc.local_iters = spec.rounds * spec.local_iters
             train_local(model, self.data.x_train, self.data.y_train, self.data.normalize, tc,
                         generator=torch.Generator().manual_seed(self.seed))
             glob, clients, n = model.state_dict(), [], [len(self.data.y_train)]

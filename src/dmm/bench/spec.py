@@ -17,7 +17,9 @@ from dmm.errors import DMMError
 
 # ---- rows (registered in dmm.bench.registry; presets list their names) -------------------
 TABLE1 = ["fedavg", "fedprox", "fedbn", "fedavg+dmm", "pleas", "rebasin", "cat", "cat+dmm"]
-REFERENCES = ["ensemble", "central", "dense"]
+# "oracle": trained centrally to convergence (oracle_epochs over all client data); "central":
+# the same network at rounds x local iterations steps (1/K of FedAvg's compute)
+REFERENCES = ["ensemble", "oracle", "central", "dense"]
 ABLATIONS = ["fedavg+buffer", "fedavg+dmm_paper", "fedavg+dmm_head", "cat+buffer",
              "cat+dmm_paper", "cat+dmm_head"]
 # the transfer grid: federated rows at alpha 0.1 and 0.01, one-shot rows at every alpha
@@ -29,6 +31,8 @@ ONESHOT_TRANSFER = ["ensemble", "ensemble_routed", "average", "average+dmm", "de
 # Git Re-Basin needs a permutation spec of the model, PLeaS and CAT hook single-input conv/linear
 # layers, DENSE generates images only; none of them has an image + text form here.
 PAIR_DATASETS = ("emoji-mm", "crisismmd")
+# regimes trained on the union of the client data, one model for every split
+CENTRAL = ("central", "oracle")
 # rows a preset adds for image + text data sets: the pair inversion's own ablations
 PAIR_ROWS = {"transfer": ["fedavg+dmm_free", "fedavg+dmm_head_free", "fedavg+dmm_checked"]}
 
@@ -54,6 +58,7 @@ class BenchSpec:
     batch_size: int = 128
     lr: float = 0.05
     mu: float = 0.01                     # FedProx
+    oracle_epochs: int = 5               # the converged oracle: passes over all client data
     min_size: int = 10
     # rows listed here run only at these alphas (the transfer grid: federated rows at 0.1 and
     # 0.01, one-shot rows at every alpha); rows not listed run at every alpha
@@ -132,7 +137,7 @@ class BenchSpec:
             raise DMMError("no seeds given")
         if self.clients < 2 or any(k < 2 for k in self.k_values):
             raise DMMError("every number of clients must be >= 2")
-        for name in ("rounds", "local_iters", "batch_size", "min_size", "inversion_images",
+        for name in ("rounds", "local_iters", "oracle_epochs", "batch_size", "min_size", "inversion_images",
                      "inversion_iters", "distill_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DMMError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,7 +161,10 @@ class BenchSpec:
         d = {"dataset": self.dataset, "n_train": self.n_train, "arch": self.arch,
              "width": self.width, "regime": regime, "seed": seed, "rounds": self.rounds,
              "local_iters": self.local_iters, "batch_size": self.batch_size, "lr": self.lr}
-        if regime != "central":  # the oracle ignores the split
+        if regime == "oracle":  # its budget is epochs, not rounds
+            del d["rounds"], d["local_iters"]
+            d["epochs"] = self.oracle_epochs
+        if regime not in CENTRAL:  # the centrally trained references ignore the split
             d.update(alpha=alpha, clients=k, min_size=self.min_size)
         if regime == "fedprox":
             d["mu"] = self.mu
@@ -173,7 +181,7 @@ class BenchSpec:
         d = {"row": cell.row, "n_test": self.n_test,
              "train": self.train_settings(regime, cell.alpha, cell.k, cell.seed),
              "row_config": row.config(self, cell.seed)}
-        if regime == "central":  # one model for every split, but the rare classes are the split's
+        if regime in CENTRAL:  # one model for every split, but the rare classes are the split's
             d["split"] = {"alpha": cell.alpha, "k": cell.k, "min_size": self.min_size}
         return d
 
@@ -181,7 +189,7 @@ class BenchSpec:
         return digest(self.cell_settings(cell))
 
 
-_INT = ("clients", "rounds", "local_iters", "batch_size", "min_size", "inversion_images",
+_INT = ("clients", "rounds", "local_iters", "oracle_epochs", "batch_size", "min_size", "inversion_images",
         "inversion_iters", "distill_steps", "n_train", "n_test")
 _NUM = ("width", "lr", "mu", "dense_budget_scale")
 _STR = ("dataset", "arch", "device", "data_root")
@@ -203,8 +211,10 @@ def digest(obj) -> str:
 
 PRESETS: dict[str, BenchSpec] = {
     # every row at alpha 0.01, one seed, a smaller budget: <= 15 min on 2 CPU cores
+    # (without the converged oracle: its 5 epochs would double the preset's wall time)
     "quick": BenchSpec(alphas=[0.01], seeds=[0], rounds=5, inversion_images=256,
-                       inversion_iters=100, distill_steps=100),
+                       inversion_iters=100, distill_steps=100,
+                       rows=[r for r in TABLE1 + REFERENCES + ABLATIONS if r != "oracle"]),
     # the paper's grid, sized by measurement for 2 CPU cores (README, "Benchmark")
     "paper": BenchSpec(alphas=[0.5, 0.1, 0.01], seeds=[0, 1, 2], rounds=10,
                        k_values=[5, 10, 20]),
