@@ -78,6 +78,48 @@ def test_the_oracle_budget_is_part_of_its_cache_key():
         BenchSpec(oracle_epochs=0).validate()
 
 
+def test_rows_from_w0_fine_tune_one_pretrained_start_end_to_end(tmp_path):
+    """W_0 trains on the public slice only; the one-shot and FedAvg clients of the W_0 rows
+    start from it (their init checkpoint is W_0, so task vectors are taken against it); the
+    report has the W_0 table beside the one from scratch."""
+    import torch
+    from safetensors.torch import load_file
+
+    # Prepare
+    data = write_npz(tmp_path / "tiny.npz")
+    out, cache = tmp_path / "res", tmp_path / "cache"
+    rows = ["fedavg", "pretrain", "fedavg@w0", "average@w0", "task_arithmetic@w0",
+            "fedavg+dmm@w0", "ensemble@w0"]
+    # Execute
+    r = run_cli("bench", *TINY, "--data-root", data, "--out", out, "--cache-dir", cache,
+                "--rows", *rows, "--set", "public_slice=30", "--set", "pretrain_epochs=2",
+                cwd=tmp_path)
+    # Assert
+    assert r.returncode == 0, r.stderr
+    entries = {p.name.split("_a")[0]: p for p in (cache / "npz").iterdir()}
+    assert sorted(entries) == ["fedavg", "fedavg_w0", "oneshot_w0", "pretrain"]
+    meta = json.loads((entries["pretrain"] / "meta.json").read_text())
+    assert meta["n_samples"] == [30] and meta["settings"]["epochs"] == 2
+    w0 = load_file(entries["pretrain"] / "global.safetensors")
+    scratch_init = load_file(entries["fedavg"] / "init.safetensors")
+    for regime in ("fedavg_w0", "oneshot_w0"):
+        init = load_file(entries[regime] / "init.safetensors")
+        assert all(torch.equal(init[k], w0[k]) for k in w0), regime
+        # the clients split what the slice leaves (120 - 30 samples)
+        assert sum(json.loads((entries[regime] / "meta.json").read_text())["n_samples"]) == 90
+    assert not all(torch.equal(scratch_init[k], w0[k]) for k in w0)
+    recs = [json.loads(x) for x in (out / "cells.jsonl").read_text().splitlines()]
+    assert sorted(x["row"] for x in recs) == sorted(rows)
+    table = (out / "table.md").read_text()
+    assert "from scratch (one shared random init: disconnected modes)" in table
+    assert "**From a pretrained start W_0** (trained centrally on a public slice of 30" in table
+    assert "| Task arithmetic (lambda 0.3), from W_0 |" in table
+    # without the slice, a W_0 row is one line and no output
+    r = run_cli("bench", *TINY, "--data-root", data, "--out", tmp_path / "none",
+                "--cache-dir", cache, "--rows", "average@w0", cwd=tmp_path)
+    assert r.returncode == 2 and "public_slice" in r.stderr and not (tmp_path / "none").exists()
+
+
 def test_the_oracle_trains_for_its_epochs_end_to_end(tmp_path):
     # Prepare
     data = write_npz(tmp_path / "tiny.npz")
@@ -95,6 +137,27 @@ def test_the_oracle_trains_for_its_epochs_end_to_end(tmp_path):
     assert "| Centralized, all data, converged (oracle) |" in table
     assert "| Centralized at 1/K of FedAvg's compute" in table
     assert "The oracle: 2 epochs over all client data" in table
+
+
+def test_rows_from_w0_are_keyed_by_the_start_and_need_a_public_slice():
+    """A row from W_0 carries W_0's training in its key (slice and epochs); a public slice
+    enters every cell's key only when set; rows from W_0 without a slice are one error."""
+    spec = BenchSpec(public_slice=40)
+    cell = Cell(0.1, 10, 0, "average@w0")
+    settings = spec.cell_settings(cell)
+    assert settings["train"]["regime"] == "oneshot_w0"
+    assert settings["train"]["start"] == spec.train_settings("pretrain", 0.1, 10, 0)
+    assert settings["train"]["start"]["public_slice"] == 40
+    assert settings["row_config"]["bn_reset_after_merge"] is True
+    assert replace(spec, pretrain_epochs=9).cell_key(cell) != spec.cell_key(cell)
+    assert replace(spec, public_slice=41).cell_key(cell) != spec.cell_key(cell)
+    scratch = Cell(0.1, 10, 0, "average")
+    assert spec.cell_key(scratch) != BenchSpec().cell_key(scratch)   # the split changed
+    assert "public_slice" not in BenchSpec().cell_settings(scratch)["train"]
+    assert spec.train_settings("pretrain", 0.1, 10, 0) == spec.train_settings("pretrain", 0.5,
+                                                                               5, 1) | {"seed": 0}
+    with pytest.raises(DMMError, match="start from the pretrained W_0.*public_slice"):
+        BenchSpec(rows=["fedavg", "fedavg@w0"]).validate()
 
 
 def test_cell_key_ignores_the_rest_of_the_grid():
@@ -344,6 +407,7 @@ def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
     from dmm.bench.spec import (
         ABLATIONS,
         FEDERATED_TRANSFER,
+        FROM_W0,
         ONESHOT_TRANSFER,
         PAIR_ROWS,
         REFERENCES,
@@ -352,7 +416,7 @@ def test_every_row_is_one_registry_entry_and_a_new_row_is_one_call(tmp_path):
 
     # Assert: the presets' names are registered, the sections partition them
     presets = set(TABLE1 + REFERENCES + ABLATIONS + FEDERATED_TRANSFER + ONESHOT_TRANSFER
-                  + [r for rows in PAIR_ROWS.values() for r in rows])
+                  + FROM_W0 + [r for rows in PAIR_ROWS.values() for r in rows])
     assert presets == set(ROWS)
     assert rows_in("reference")[:len(REFERENCES)] == REFERENCES
     assert set(ABLATIONS) <= set(rows_in("ablation"))

@@ -56,6 +56,30 @@ def test_federated_runs_are_deterministic_and_regimes_differ(tiny_data):
     assert not torch.equal(fb.client_states[0]["bn1.weight"], fb.client_states[1]["bn1.weight"])
 
 
+def test_a_given_start_is_every_clients_start(tiny_data):
+    """`init_state` (a pretrained W_0) replaces the seeded initialization: it is the init of
+    the result, the one-shot clients move away from it, and independent one-shot inits
+    cannot share it."""
+    from dmm.errors import DMMError
+
+    # Prepare
+    part = dirichlet_partition(tiny_data.y_train.numpy(), 3, 0.5, seed=0, min_size=5)
+    w0 = tiny_model(9).state_dict()
+    # Execute
+    res = run_federated(tiny_model, tiny_data, part,
+                        FederatedConfig(regime="oneshot", rounds=1, seed=1,
+                                        train=TrainConfig(**FAST)),
+                        progress=False, init_state=w0)
+    # Assert
+    assert all(torch.equal(res.init_state[k], w0[k]) for k in w0)
+    assert not torch.equal(res.client_states[0]["conv1.weight"], w0["conv1.weight"])
+    with pytest.raises(DMMError, match="independent initializations"):
+        run_federated(tiny_model, tiny_data, part,
+                      FederatedConfig(regime="oneshot", rounds=1, seed=1,
+                                      oneshot_init="independent", train=TrainConfig(**FAST)),
+                      progress=False, init_state=w0)
+
+
 def test_fedbn_global_pools_statistics_of_identical_models_to_themselves():
     m = tiny_model()
     m.train()

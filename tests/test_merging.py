@@ -276,3 +276,22 @@ def test_builtin_methods_declare_the_seed_they_use():
     for name in ("pleas", "cat"):
         assert "input_shape" in provided_params(get_method(name))
     assert all("seed" not in method_params(get_method(n)) for n in available_methods())
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"scale": 3.0}),
+                                           ("ties", {"density": 0.2}), ("cat", {}),
+                                           ("average", {})])
+def test_task_vectors_are_taken_against_the_start_w0(method, params):
+    """Merging the pretrained start W_0 with itself K times returns W_0: every task vector
+    W_k - W_0 is zero, whatever the method's coefficient, trimming or projection (the bench's
+    rows from W_0 pass W_0 as the base)."""
+    # Prepare
+    model = tiny_model(3)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    # Execute
+    merged = merge_states([w0] * 4, method, model=model, base=w0, weights=[1, 2, 3, 4], seed=0,
+                          input_shape=(1, 16, 16), **params)
+    # Assert
+    for k, v in w0.items():
+        if v.is_floating_point():
+            assert torch.allclose(merged[k].float(), v.float(), atol=1e-6), k

@@ -74,3 +74,36 @@ def test_partition_config_split_is_the_seeded_dirichlet_partition(tiny_data):
     # Assert
     assert all((a == b).all() for a, b in zip(part.indices, ref.indices, strict=True))
     assert PartitionConfig(**cfg.to_dict()) == cfg
+
+
+def test_the_public_slice_is_withheld_from_every_client_and_fixed_across_seeds(tiny_data):
+    """The server's public slice (the bench's pretrained start W_0 trains on it): no client
+    holds a sample of it, the clients split all the rest, and it is one slice for every split
+    seed and alpha."""
+    from dmm.data import PartitionConfig
+
+    # Prepare
+    n = len(tiny_data.y_train)
+    labels = tiny_data.y_train.numpy()
+    # Execute
+    parts = [PartitionConfig(alpha=a, clients=3, min_size=5, seed=s, public=20).split(tiny_data)
+             for a, s in ((0.5, 0), (0.5, 1), (0.01, 2))]
+    # Assert
+    for part in parts:
+        public = set(part.public.tolist())
+        held = [set(i.tolist()) for i in part.indices]
+        assert len(public) == 20 and all(not (public & h) for h in held)
+        assert set().union(public, *held) == set(range(n))
+        assert sum(len(h) for h in held) == n - 20   # every other sample exactly once
+        for i, c in zip(part.indices, part.counts, strict=True):
+            assert (np.bincount(labels[i], minlength=tiny_data.num_classes) == c).all()
+        assert part.to_dict()["public"] == 20
+    assert all((p.public == parts[0].public).all() for p in parts)
+    assert not all(np.array_equal(a, b)
+                   for a, b in zip(parts[0].indices, parts[1].indices, strict=True))
+    # no slice: the split is what it always was, and a slice that leaves nothing is one error
+    assert PartitionConfig(alpha=0.5, clients=3, min_size=5).split(tiny_data).public is None
+    with pytest.raises(DMMError, match="public slice of"):
+        PartitionConfig(alpha=0.5, clients=3, public=n).split(tiny_data)
+    with pytest.raises(DMMError, match="public .* must be >= 0"):
+        PartitionConfig(alpha=0.5, clients=3, public=-1)

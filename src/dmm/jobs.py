@@ -102,11 +102,15 @@ class TrainOutput:
 
 def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | None = None,
           partition: Partition | None = None, progress: bool = True,
-          verbose: bool = False) -> TrainOutput:
+          verbose: bool = False, init_state: StateDict | None = None) -> TrainOutput:
     """Run `job`; with `out`, write `init`, `client_*` and `global` checkpoints, partition.json
     and train.json there (the layout `dmm merge` reads). `data` reuses a loaded data set and
-    `partition` the split its caller already drew from `job.partition` (the bench, the demo)."""
+    `partition` the split its caller already drew from `job.partition` (the bench, the demo).
+    `init_state` starts the training from given weights (a pretrained W_0; in-process engine):
+    it is then the `init` checkpoint, the base that task vectors are taken against."""
     job.validate()
+    if init_state is not None and job.engine != "inprocess":
+        raise DMMError("a given start (init_state) needs the in-process engine")
     if job.engine == "flower":  # loaded once per process: the engine's server side reuses it
         from dmm.flower import require_flower
         require_flower()
@@ -151,7 +155,8 @@ def train(job: TrainJob, out: str | Path | None = None, *, data: ImageDataset | 
         loop_reports = strategy.dmm_reports if job.dmm_every else []
     else:
         res = run_federated(lambda: create(job.arch, **kw).to(job.device), data, part,
-                            job.federated, progress=progress, server_step=refiner)
+                            job.federated, progress=progress, server_step=refiner,
+                            init_state=init_state)
         loop_reports = refiner.reports if refiner is not None else []
     meta = checkpoint.data_meta(job.arch, kw, data, job.data.dataset)
     rows = []

@@ -14,8 +14,12 @@ from typing import Any
 
 from dmm.errors import DMMError
 
-REGIMES = ("fedavg", "fedprox", "fedbn", "oneshot", "central", "oracle")
-SECTIONS = ("table1", "reference", "ablation")
+# "pretrain": the shared start W_0, trained centrally on the public slice; a regime with the
+# suffix W0 is the same training started from W_0 instead of the seeded random initialization
+W0 = "_w0"
+REGIMES = ("fedavg", "fedprox", "fedbn", "oneshot", "central", "oracle", "pretrain",
+           "fedavg" + W0, "oneshot" + W0)
+SECTIONS = ("table1", "reference", "ablation", "w0")  # w0: Table 1 and references from W_0
 
 
 def no_config(spec: Any, seed: int) -> dict:

@@ -73,9 +73,16 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
            f"{spec.batch_size}." + (f" The oracle: {spec.oracle_epochs} epochs over all "
                                     f"client data, batch {spec.batch_size}."
                                     if any(r["row"] == "oracle" for r in records) else ""), ""]
-    out += ["**Table 1 rows and references**", ""]
     main = rows_in("table1", "reference")
+    w0 = _table(records, rows_in("w0"), alphas, spec.clients, n=len(seeds))
+    out += ["**Table 1 rows and references" + (", from scratch (one shared random init: "
+                                               "disconnected modes)**" if w0 else "**"), ""]
     out += _table(records, main, alphas, spec.clients, n=len(seeds))
+    if w0:
+        out += ["", f"**From a pretrained start W_0** (trained centrally on a public slice of "
+                    f"{spec.public_slice} training samples that no client holds, "
+                    f"{spec.pretrain_epochs} epochs; the clients fine-tune W_0; task vectors "
+                    f"against W_0; BN statistics reset data-free after every merge)", ""] + w0
     abl = _table(records, ablation_rows(), alphas, spec.clients, n=len(seeds))
     if any(ROWS[r["row"]].section == "ablation" for r in records):
         out += ["", "**Ablations** (+ DMM = the default preset: the clients' own-statistics "
@@ -84,7 +91,8 @@ def render_markdown(records: list[dict], spec: BenchSpec) -> str:
                     "check, `check_pairs`); head only = preset "
                     "`head`, the default before issue 13; full DMM = the paper preset, with "
                     "selective KD)", ""] + abl
-    rare = _table(records, main, alphas, spec.clients, "rare_class_accuracy", len(seeds))
+    rare = _table(records, main + rows_in("w0"), alphas, spec.clients, "rare_class_accuracy",
+                  len(seeds))
     if rare:
         out += ["", "**Rare-class accuracy** (classes with >= 90% of their samples on one "
                     "client; – where no class is rare)", ""] + rare

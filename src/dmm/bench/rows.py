@@ -18,6 +18,15 @@ merging methods, the ensemble and DENSE; a centrally trained model (the oracle).
 - The oracle trains one model on the union of the client data to convergence (`oracle_epochs`
   passes, 5 by default; constant lr, the clients' optimizer); "central" is the same network at
   rounds x local iterations steps (1/K of FedAvg's compute), labelled so.
+- From a pretrained start (rows `NAME@w0`, `from_w0`): W_0 is trained centrally on the public
+  slice (`public_slice` training samples no client holds, `pretrain_epochs` passes); the
+  clients fine-tune it (one-shot: the one-shot budget; federated: FedAvg started from it);
+  task arithmetic, TIES and CAT take task vectors against W_0; every merge is followed by the
+  data-free BN reset (pseudo-data from every client's own statistics), as PLeaS and ZipIt
+  reset BN after merging (on data; ours has none). DENSE's student starts fresh, as in its
+  paper. Task arithmetic's coefficient is lambda = 0.3 of Ilharco et al.'s unnormalized sum
+  at K = 10 (`scale` 3.0; their recommended range, chosen without validation data); TIES
+  keeps its paper's density 0.2 and lambda 1.
 The group a builder receives is `dmm.bench.runner.Group` (trained regimes, shared merges and
 pseudo-data of one (alpha, K, seed)).
 """
@@ -30,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from dmm.bench.registry import Row, register_row
+from dmm.bench.registry import ROWS, W0, Row, register_row
 from dmm.dense import DenseConfig
 from dmm.inloop import LoopConfig
 from dmm.pipeline import DMMConfig, preset
@@ -164,6 +173,24 @@ def loop_row(name: str, pretty_name: str, every: int, *, variant: str = "default
     return Row(name, pretty_name, "fedavg", build, config, **kw)
 
 
+def from_w0(row: Row, pretty_name: str, **kw) -> Row:
+    """`row` on the models trained from the pretrained start W_0 (`NAME@w0`): the same build
+    on the group as that start sees it (`Group.from_start`); a row that merges says in its
+    settings that the merge is followed by the data-free BN reset."""
+    def build(group):
+        return row.build(group.from_start(W0))
+
+    def config(spec, seed):
+        d = dict(row.config(spec, seed))
+        if "method" in d or "merge" in d:
+            d["bn_reset_after_merge"] = True
+        return d
+    ablation = kw.pop("ablation", (f"{row.ablation[0]}@w0", row.ablation[1])
+                      if row.ablation else None)
+    return Row(f"{row.name}@w0", pretty_name, row.regime + W0, build, config,
+               section=kw.pop("section", "w0"), ablation=ablation, **kw)
+
+
 def _ensemble(group):
     from dmm.evaluate import predict_logits
 
@@ -278,3 +305,24 @@ register_row(loop_row("fedavg+dmm_round", "FedAvg + DMM every 20 rounds (in the 
 register_row(loop_row("fedavg+dmm_round_head", "FedAvg + DMM every 20 rounds, head only "
                       "(preset head)", 20, variant="head", section="ablation",
                       ablation=("fedavg", 7)))
+
+# From a pretrained start W_0 (issue "benchmark protocol"): Table 1, the references and the
+# ablations again, on clients fine-tuned from one W_0 trained on the public slice
+register_row(global_row("pretrain", "Pretrained start W_0 (public slice only)", "pretrain",
+                        section="w0"))
+for _name, _pretty in (("fedavg", "FedAvg"), ("fedavg+dmm", "FedAvg + DMM"), ("pleas", "PLeaS"),
+                       ("rebasin", "Git Re-Basin"), ("cat", "Cat-Merge"),
+                       ("cat+dmm", "Cat-Merge + DMM"), ("average", "Average"),
+                       ("average+dmm", "Average + DMM"),
+                       ("ensemble", "Ensemble of client models (reference)"),
+                       ("ensemble_routed", "Ensemble, label-count routed (reference)"),
+                       ("dense", "DENSE (one-shot distillation)")):
+    register_row(from_w0(ROWS[_name], f"{_pretty}, from W_0"))
+register_row(from_w0(merge_row("task_arithmetic", "Task arithmetic", "task_arithmetic",
+                               {"scale": 3.0}), "Task arithmetic (lambda 0.3), from W_0"))
+register_row(from_w0(merge_row("ties", "TIES-Merging", "ties", {"density": 0.2, "scale": 1.0}),
+                     "TIES-Merging (density 0.2), from W_0"))
+for _name in ("fedavg+buffer", "fedavg+dmm_paper", "fedavg+dmm_head", "cat+buffer",
+              "cat+dmm_paper", "cat+dmm_head"):
+    register_row(from_w0(ROWS[_name], f"{ROWS[_name].pretty_name}, from W_0",
+                         section="ablation"))

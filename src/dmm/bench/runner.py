@@ -20,12 +20,14 @@ from collections.abc import Callable
 from itertools import groupby
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dmm import checkpoint
-from dmm.bench.registry import get_row
-from dmm.bench.spec import CENTRAL, BenchSpec, Cell, digest
+from dmm import inputs as I
+from dmm.bench.registry import W0, get_row
+from dmm.bench.spec import SPLIT_FREE, BenchSpec, Cell, digest
 from dmm.bench.store import ResultStore
 from dmm.data import PartitionConfig, load_dataset
 from dmm.data.base import ImageDataset
@@ -86,7 +88,7 @@ class Group:
         self.arch_kwargs = arch_kwargs(spec.arch, num_classes=data.num_classes,
                                        in_channels=data.in_channels, width=spec.width)
         self.partition_config = PartitionConfig(alpha=alpha, clients=k, min_size=spec.min_size,
-                                                seed=seed)
+                                                seed=seed, public=spec.public_slice)
         self.partition = self.partition_config.split(data)
         self.rare = rare_classes(self.partition.counts)
         self.input_shape = data.input_shape
@@ -149,21 +151,26 @@ class Group:
 
         spec = self.spec
         tc = self._train_config(regime)
+        # from W_0: the pretrained start first (its own cache entry, not in this wall time)
+        start = self.trained("pretrain").global_state if regime.endswith(W0) else None
         t0 = time.perf_counter()
-        if regime in CENTRAL:
+        if regime in SPLIT_FREE:
             torch.manual_seed(self.seed)
             model = self.new_model()
             init = state_of(model)
             if regime == "oracle":  # to convergence: epochs over all client data
                 tc.local_iters, tc.local_epochs = None, spec.oracle_epochs
+            elif regime == "pretrain":  # W_0: epochs over the public slice
+                tc.local_iters, tc.local_epochs = None, spec.pretrain_epochs
             else:                   # at 1/K of FedAvg's compute
                 tc.local_iters = spec.rounds * spec.local_iters
-            train_local(model, self.data.x_train, self.data.y_train, self.data.normalize, tc,
+            x, y = self._central_data(regime)
+            train_local(model, x, y, self.data.normalize, tc,
                         generator=torch.Generator().manual_seed(self.seed))
-            glob, clients, n = model.state_dict(), [], [len(self.data.y_train)]
+            glob, clients, n = model.state_dict(), [], [len(y)]
         else:
-            res = train(self._job(regime), data=self.data, partition=self.partition,
-                        progress=False).result
+            res = train(self._job(regime.removesuffix(W0)), data=self.data,
+                        partition=self.partition, progress=False, init_state=start).result
             init, glob, clients, n = res.init_state, res.global_state, res.client_states, \
                 res.n_samples
         init, clients = state_of(init), [state_of(c) for c in clients]
@@ -185,18 +192,36 @@ class Group:
             if tmp.exists():
                 shutil.rmtree(tmp)
 
+    def _central_data(self, regime: str):
+        """What a centrally trained model sees: W_0 the public slice; the others the union of
+        the client data (all training data where no slice is withheld)."""
+        public = self.partition.public
+        if regime == "pretrain":
+            idx = torch.as_tensor(public)
+        elif public is None:
+            return self.data.x_train, self.data.y_train
+        else:
+            idx = torch.as_tensor(np.sort(np.concatenate(self.partition.indices)))
+        return I.take(self.data.x_train, idx), self.data.y_train[idx]
+
+    def from_start(self, suffix: str) -> StartView:
+        """This group as the rows of another start see it (`W0`: every model trained from
+        the pretrained W_0)."""
+        return StartView(self, suffix)
+
     # ---- what rows share (dmm.bench.rows builds each row from these) -----------------------
     def new_model(self) -> torch.nn.Module:
         """A freshly initialized model of the bench's architecture (seeded by the caller)."""
         return create(self.spec.arch, **self.arch_kwargs).to(self.spec.device)
 
-    def merged(self, method: str, params: dict) -> tuple[StateDict, float]:
-        """The one-shot clients merged by `method` with `params` (seeded by the group) and the
-        seconds it took, computed once per group: the Cat-Merge rows and their + DMM rows share
-        it."""
-        key = json.dumps([method, params], sort_keys=True)
+    def merged(self, method: str, params: dict, regime: str = "oneshot"
+               ) -> tuple[StateDict, float]:
+        """The one-shot clients of `regime` merged by `method` with `params` (seeded by the
+        group; task vectors against their common start) and the seconds it took, computed once
+        per group: the Cat-Merge rows and their + DMM rows share it."""
+        key = json.dumps([regime, method, params], sort_keys=True)
         if key not in self._merged:
-            t = self.trained("oneshot")
+            t = self.trained(regime)
             t0 = time.perf_counter()
             state = merge_states(t.clients, method, model=self.model(device="cpu"),
                                  weights=t.n_samples, base=t.init, seed=self.seed,
@@ -241,6 +266,31 @@ class Group:
         return model, rep
 
 
+class StartView:
+    """A group as the rows of another start see it: `trained(regime)` is the regime from that
+    start, merges take its one-shot clients (task vectors against W_0) and reset BN statistics
+    data-free afterwards, and pseudo-data are shared only among rows of the same start."""
+
+    def __init__(self, group: Group, suffix: str) -> None:
+        self._group, self._suffix = group, suffix
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
+
+    def trained(self, regime: str) -> Trained:
+        return self._group.trained(regime + self._suffix)
+
+    def merged(self, method: str, params: dict) -> tuple[StateDict, float]:
+        return self._group.merged(method, {**params, "bn_reset": True},
+                                  regime="oneshot" + self._suffix)
+
+    def refine(self, student_name: str, *args, **kw):
+        return self._group.refine(student_name + self._suffix, *args, **kw)
+
+    def train_in_loop(self, *args, **kw):
+        raise DMMError("the in-loop rows train from the seeded initialization only")
+
+
 def evaluate_output(out, data: ImageDataset) -> EvalResult:
     if isinstance(out, torch.Tensor):
         return eval_from_logits(out, data.y_test, data.num_classes)
@@ -251,7 +301,8 @@ def preflight(spec: BenchSpec, data: ImageDataset) -> None:
     """Fail before any output on what the grid would hit later: every split must be drawable
     and DENSE needs an input size divisible by 4."""
     for a, k, s in sorted({(c.alpha, c.k, c.seed) for c in spec.cells()}):
-        PartitionConfig(alpha=a, clients=k, min_size=spec.min_size, seed=s).split(data)
+        PartitionConfig(alpha=a, clients=k, min_size=spec.min_size, seed=s,
+                        public=spec.public_slice).split(data)
     if "dense" in spec.rows:
         h, w = data.input_shape[-2:]
         if h % 4 or w % 4:

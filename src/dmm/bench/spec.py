@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from dmm.bench.registry import ROWS, get_row
+from dmm.bench.registry import ROWS, W0, get_row
 from dmm.errors import DMMError
 
 # ---- rows (registered in dmm.bench.registry; presets list their names) -------------------
@@ -27,12 +27,19 @@ FEDERATED_TRANSFER = ["fedavg", "fedavg+dmm", "fedavg+dmm_head", "fedavg+dmm_pap
                       "fedavg+dmm_transfer", "fedavg+dmm_round", "fedavg+dmm_round_head"]
 ONESHOT_TRANSFER = ["ensemble", "ensemble_routed", "average", "average+dmm", "dense",
                     "average+dmm_merged", "average+dmm_plain", "average+dmm_estimated"]
+# from a pretrained start W_0 (issue "benchmark protocol"): Table 1, the references and the
+# ablations on clients fine-tuned from W_0 (needs public_slice > 0)
+FROM_W0 = ["pretrain"] + [f"{r}@w0" for r in (
+    "fedavg", "fedavg+dmm", "pleas", "rebasin", "cat", "cat+dmm", "average", "average+dmm",
+    "task_arithmetic", "ties", "ensemble", "ensemble_routed", "dense", *ABLATIONS)]
 # image + text data sets (ImageTextNet): only the rows registered with image_text=True apply.
 # Git Re-Basin needs a permutation spec of the model, PLeaS and CAT hook single-input conv/linear
 # layers, DENSE generates images only; none of them has an image + text form here.
 PAIR_DATASETS = ("emoji-mm", "crisismmd")
 # regimes trained on the union of the client data, one model for every split
 CENTRAL = ("central", "oracle")
+# regimes that do not depend on the split: those, and W_0 (the public slice is one fixed draw)
+SPLIT_FREE = CENTRAL + ("pretrain",)
 # rows a preset adds for image + text data sets: the pair inversion's own ablations
 PAIR_ROWS = {"transfer": ["fedavg+dmm_free", "fedavg+dmm_head_free", "fedavg+dmm_checked"]}
 
@@ -59,6 +66,10 @@ class BenchSpec:
     lr: float = 0.05
     mu: float = 0.01                     # FedProx
     oracle_epochs: int = 5               # the converged oracle: passes over all client data
+    # the shared pretrained start W_0 (rows "...@w0"): training samples withheld from every
+    # split as the server's public slice (0: none, and no W_0), and W_0's epochs over it
+    public_slice: int = 0
+    pretrain_epochs: int = 5
     min_size: int = 10
     # rows listed here run only at these alphas (the transfer grid: federated rows at 0.1 and
     # 0.01, one-shot rows at every alpha); rows not listed run at every alpha
@@ -123,6 +134,13 @@ class BenchSpec:
         bad = [r for r in self.row_alphas if r not in self.rows]
         if bad:
             raise DMMError(f"row_alphas names row(s) {', '.join(bad)} that the grid does not run")
+        if self.public_slice < 0:
+            raise DMMError(f"public_slice must be >= 0, got {self.public_slice}")
+        starts = [r for r in dict.fromkeys(self.rows + self.k_rows)
+                  if ROWS[r].regime == "pretrain" or ROWS[r].regime.endswith(W0)]
+        if starts and not self.public_slice:
+            raise DMMError(f"row(s) {', '.join(starts)} start from the pretrained W_0, which "
+                           f"trains on a public slice: set public_slice (e.g. 5000)")
         if (self.inversion_images is None) != (self.inversion_iters is None):
             raise DMMError("inversion_images and inversion_iters are set together (or both "
                            "None: each preset's own budget)")
@@ -137,8 +155,8 @@ class BenchSpec:
             raise DMMError("no seeds given")
         if self.clients < 2 or any(k < 2 for k in self.k_values):
             raise DMMError("every number of clients must be >= 2")
-        for name in ("rounds", "local_iters", "oracle_epochs", "batch_size", "min_size", "inversion_images",
-                     "inversion_iters", "distill_steps"):
+        for name in ("rounds", "local_iters", "oracle_epochs", "pretrain_epochs", "batch_size",
+                     "min_size", "inversion_images", "inversion_iters", "distill_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DMMError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -161,13 +179,17 @@ class BenchSpec:
         d = {"dataset": self.dataset, "n_train": self.n_train, "arch": self.arch,
              "width": self.width, "regime": regime, "seed": seed, "rounds": self.rounds,
              "local_iters": self.local_iters, "batch_size": self.batch_size, "lr": self.lr}
-        if regime == "oracle":  # its budget is epochs, not rounds
+        if regime in ("oracle", "pretrain"):  # their budget is epochs, not rounds
             del d["rounds"], d["local_iters"]
-            d["epochs"] = self.oracle_epochs
-        if regime not in CENTRAL:  # the centrally trained references ignore the split
+            d["epochs"] = self.oracle_epochs if regime == "oracle" else self.pretrain_epochs
+        if regime not in SPLIT_FREE:  # the centrally trained models ignore the split
             d.update(alpha=alpha, clients=k, min_size=self.min_size)
         if regime == "fedprox":
             d["mu"] = self.mu
+        if self.public_slice:  # only when set, so that the keys of the other cells stay put
+            d["public_slice"] = self.public_slice
+        if regime.endswith(W0):  # started from W_0: its training is part of theirs
+            d["start"] = self.train_settings("pretrain", alpha, k, seed)
         # only when set, so that the keys of the default (CPU, built-in data) cells stay put
         if self.data_root is not None:
             d["data_root"] = str(self.data_root)
@@ -181,7 +203,7 @@ class BenchSpec:
         d = {"row": cell.row, "n_test": self.n_test,
              "train": self.train_settings(regime, cell.alpha, cell.k, cell.seed),
              "row_config": row.config(self, cell.seed)}
-        if regime in CENTRAL:  # one model for every split, but the rare classes are the split's
+        if regime in SPLIT_FREE:  # one model for every split, but the rare classes are the split's
             d["split"] = {"alpha": cell.alpha, "k": cell.k, "min_size": self.min_size}
         return d
 
@@ -189,8 +211,9 @@ class BenchSpec:
         return digest(self.cell_settings(cell))
 
 
-_INT = ("clients", "rounds", "local_iters", "oracle_epochs", "batch_size", "min_size", "inversion_images",
-        "inversion_iters", "distill_steps", "n_train", "n_test")
+_INT = ("clients", "rounds", "local_iters", "oracle_epochs", "public_slice", "pretrain_epochs",
+        "batch_size", "min_size", "inversion_images", "inversion_iters", "distill_steps",
+        "n_train", "n_test")
 _NUM = ("width", "lr", "mu", "dense_budget_scale")
 _STR = ("dataset", "arch", "device", "data_root")
 _OPTIONAL = ("n_train", "n_test", "data_root", "inversion_images", "inversion_iters",

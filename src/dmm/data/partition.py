@@ -3,6 +3,10 @@
 Per class c, proportions p_c ~ Dir(alpha * 1_K) split that class's samples over K clients; the
 whole draw is repeated until every client holds at least `min_size` samples (Hsu et al., 2019,
 arXiv:1909.06335; the same recipe as the DMM authors' harness).
+
+A public slice (`public` > 0) is withheld first: a fixed draw of that many training samples
+(seeded by `PUBLIC_SEED`, the same for every split seed), which no client holds; the server may
+train on it (the bench's pretrained start W_0). The clients split the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import numpy as np
 
 from dmm.config import check_fields
 from dmm.errors import DMMError
+
+PUBLIC_SEED = 20_260  # the public slice's draw: one fixed slice for every split seed
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class PartitionConfig:
     clients: int
     min_size: int = 10
     seed: int = 0
+    public: int = 0      # training samples withheld from the split (the server's public slice)
 
     def __post_init__(self) -> None:
         check_fields(self, "partition")
@@ -35,6 +42,9 @@ class PartitionConfig:
         if self.min_size < 1:
             raise DMMError(f"min_size must be >= 1 (a client without samples cannot train), "
                            f"got {self.min_size}")
+        if self.public < 0:
+            raise DMMError(f"public (samples withheld from the split) must be >= 0, "
+                           f"got {self.public}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,9 +52,26 @@ class PartitionConfig:
     def split(self, data) -> Partition:
         """The partition of `data`'s training labels (an ImageDataset or any object with
         `y_train` and `num_classes`)."""
-        return dirichlet_partition(np.asarray(data.y_train), self.clients, self.alpha,
-                                   seed=self.seed, min_size=self.min_size,
-                                   num_classes=data.num_classes)
+        labels = np.asarray(data.y_train)
+        if not self.public:
+            return dirichlet_partition(labels, self.clients, self.alpha, seed=self.seed,
+                                       min_size=self.min_size, num_classes=data.num_classes)
+        public = public_slice(len(labels), self.public)
+        rest = np.setdiff1d(np.arange(len(labels)), public)
+        part = dirichlet_partition(labels[rest], self.clients, self.alpha, seed=self.seed,
+                                   min_size=self.min_size, num_classes=data.num_classes)
+        part.indices = [rest[i] for i in part.indices]  # back to indices of the training set
+        part.public = public
+        return part
+
+
+def public_slice(n: int, size: int) -> np.ndarray:
+    """The sorted indices of the public slice: `size` of `n` training samples, drawn uniformly
+    with `PUBLIC_SEED` (a function of n and size only, never of a split's seed)."""
+    if not 0 < size < n:
+        raise DMMError(f"a public slice of {size} samples needs a training set larger than "
+                       f"that, this one has {n}")
+    return np.sort(np.random.default_rng(PUBLIC_SEED).permutation(n)[:size])
 
 
 @dataclass
@@ -55,6 +82,7 @@ class Partition:
     counts: np.ndarray
     alpha: float
     seed: int
+    public: np.ndarray | None = None   # the withheld public slice (training-set indices)
 
     @property
     def sizes(self) -> list[int]:
@@ -66,6 +94,7 @@ class Partition:
             "seed": self.seed,
             "sizes": self.sizes,
             "label_counts": self.counts.tolist(),
+            **({"public": len(self.public)} if self.public is not None else {}),
         }
 
 

@@ -152,6 +152,7 @@ def run_federated(
     progress: bool = True,
     on_round: Callable[[int, StateDict], dict | None] | None = None,
     server_step=None,
+    init_state: StateDict | None = None,
 ) -> FederatedResult:
     """Train K clients on `partition` of `data.x_train` under `cfg.regime`.
 
@@ -161,14 +162,21 @@ def run_federated(
     of every round r where `server_step.due(r)`, the global model becomes
     `server_step(r, global_state, clients, n_samples)` (the latest state and sample count of
     every client that has trained so far, by client id); its `reports[-1]` joins the history.
+    `init_state` starts every client (one-shot) and the first global model (federated) from
+    given weights, e.g. a pretrained W_0, instead of the seeded initialization.
     """
     cfg.validate()
+    if init_state is not None and cfg.regime == "oneshot" and cfg.oneshot_init == "independent":
+        raise DMMError("a given start (init_state) is one shared start: one-shot clients with "
+                       "independent initializations cannot have it")
     if server_step is not None and cfg.regime not in ("fedavg", "fedprox"):
         raise DMMError(f"a server step between rounds needs a global model: regime fedavg or "
                        f"fedprox, not {cfg.regime}")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = model_fn()
+    if init_state is not None:
+        model.load_state_dict(init_state)
     init = state_of(model)
     k_clients = len(partition.indices)
     n_samples = partition.sizes
